@@ -1,0 +1,522 @@
+"""The data-key service: bounded TTL caches, single-flight KMS calls, key health.
+
+cmek-proxy seals a fresh per-object key under a 32-byte *data key* that the
+customer's KMS generates and wraps (the S3 Bucket Keys model); object metadata
+stores the wrapped data key.  The binding context sent to the KMS is exactly
+``{"bucket": <bucket name>}``.
+
+``KeyService`` keeps KMS traffic low and bounded:
+
+* **writes** - at most one ``generate_data_key`` per ``(kek_uri, bucket)`` per TTL
+  period; the data key is reused for every object written in that period, and is
+  also put into the read cache under its wrapped form;
+* **reads** - unwrapped material is cached by ``(kek_uri, wrapped, bucket)``;
+* **single-flight** - concurrent misses for one cache key share one KMS call; a
+  failure reaches every waiter and is not cached;
+* **bounded** - each cache holds at most ``max_entries``; material goes on expiry,
+  on capacity, and at once on denial;
+* **denial** (``KeyUnavailableError``) drops *all* material of that key, marks it
+  revoked and emits a ``KeyEvent``; calls keep going to the KMS, and the next
+  success marks the key available again;
+* **outage** (``KmsUnreachableError``) drops nothing: traffic is served from the
+  caches until entries expire, then the error propagates.  A per-key circuit
+  breaker stops a dead KMS from being hammered; the prober's call is the
+  periodic trial.
+
+Key material is never logged and never part of a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, TypeVar
+
+from prometheus_client import Counter
+
+from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
+from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
+from proxy.kms.breaker import BreakerKek, CircuitBreaker
+from proxy.kms.metered import MeteredKek
+from proxy.metrics import EVICTION_REASONS, Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_TTL: Final = 3600.0
+"""Hard cap on how long key material may stay cached (seconds)."""
+
+VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
+PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
+
+EventKind = Literal["revoked", "restored", "unreachable"]
+KeyState = Literal["unknown", "available", "revoked", "unreachable"]
+# which side of a key a call used: a key may allow encrypt but deny decrypt
+_Op = Literal["encrypt", "decrypt", "round_trip"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KeyEvent:
+    """A change of a key's availability."""
+
+    kind: EventKind
+    kek_uri: str
+    reason: str
+    at: float  # wall-clock seconds since the epoch
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """Availability of one configured key, as of its last call or probe."""
+
+    available: bool
+    state: KeyState
+    reason: str
+    since: float  # wall-clock seconds since the epoch at which ``state`` began
+
+
+@dataclass
+class _Health:
+    state: KeyState
+    reason: str
+    since: float
+    denied_op: _Op | None = None
+
+
+class _TtlCache(Generic[K, V]):
+    """A bounded map with a fixed time-to-live, keyed by ``(kek_uri, K)``.
+
+    Entries are kept in insertion order, which - the TTL being fixed and the clock
+    monotonic - is also expiry order: expired entries are swept from the front on
+    insert, and when full the entry closest to expiry is evicted.  An index by
+    ``kek_uri`` lets a denial drop all of one key's material without a scan.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        ttl: float,
+        max_entries: int,
+        clock: Callable[[], float],
+        evictions: Counter,
+    ) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, K], tuple[float, V]] = OrderedDict()
+        self._by_uri: dict[str, set[tuple[str, K]]] = {}
+        self._evicted = {r: evictions.labels(kind, r) for r in EVICTION_REASONS}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def count_for(self, kek_uri: str) -> int:
+        return len(self._by_uri.get(kek_uri, ()))
+
+    def get(self, key: tuple[str, K]) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            self._remove(key)
+            self._evicted["expired"].inc()
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, K], value: V) -> None:
+        now = self._clock()
+        self._sweep(now)
+        if key in self._entries:
+            self._remove(key)
+        while len(self._entries) >= self._max:
+            self._remove(next(iter(self._entries)))
+            self._evicted["capacity"].inc()
+        self._entries[key] = (now + self._ttl, value)
+        self._by_uri.setdefault(key[0], set()).add(key)
+
+    def drop_uri(self, kek_uri: str, reason: str) -> int:
+        keys = self._by_uri.pop(kek_uri, set())
+        for key in keys:
+            del self._entries[key]
+        if keys:
+            self._evicted[reason].inc(len(keys))
+        return len(keys)
+
+    def _sweep(self, now: float) -> None:
+        while self._entries:
+            key, (expires, _) = next(iter(self._entries.items()))
+            if expires > now:
+                return
+            self._remove(key)
+            self._evicted["expired"].inc()
+
+    def _remove(self, key: tuple[str, K]) -> None:
+        del self._entries[key]
+        owned = self._by_uri[key[0]]
+        owned.discard(key)
+        if not owned:
+            del self._by_uri[key[0]]
+
+
+class KeyService:
+    """Data keys for writes and unwrapped data keys for reads, cached and single-flight."""
+
+    def __init__(
+        self,
+        resolve: Callable[[str], Kek],
+        metrics: Metrics,
+        *,
+        ttl: float = 300.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[KeyEvent], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        breaker_failure_threshold: int = 5,
+        breaker_reset_timeout: float = 10.0,
+        probe_timeout: float = 30.0,
+    ) -> None:
+        if not ttl > 0:
+            raise ValueError(f"key cache ttl must be > 0 seconds, got {ttl}")
+        if ttl > MAX_TTL:
+            raise ValueError(f"key cache ttl must be at most {MAX_TTL:.0f} seconds, got {ttl}")
+        if max_entries < 1:
+            raise ValueError(f"key cache max_entries must be at least 1, got {max_entries}")
+        if not probe_timeout > 0:
+            raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        self._resolve = resolve
+        self._metrics = metrics
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._on_event = on_event
+        self._breaker_threshold = breaker_failure_threshold
+        self._breaker_reset = breaker_reset_timeout
+        self._probe_timeout = probe_timeout
+        self.ttl = ttl
+        self._keks: dict[str, BreakerKek] = {}
+        self._writes: _TtlCache[str, DataKey] = _TtlCache(
+            "write",
+            ttl=ttl,
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._reads: _TtlCache[tuple[bytes, str], bytes] = _TtlCache(
+            "read",
+            ttl=ttl,
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._write_flights: dict[tuple[str, str], asyncio.Task[DataKey]] = {}
+        self._read_flights: dict[tuple[str, tuple[bytes, str]], asyncio.Task[bytes]] = {}
+        # bumped whenever a key's material is dropped; an in-flight call that started
+        # before the drop neither caches its result nor marks the key available
+        self._epochs: dict[str, int] = {}
+        self._health: dict[str, _Health] = {}
+        self._registered: dict[str, None] = {}  # insertion-ordered set
+        self._hits = {k: metrics.key_cache_hits.labels(k) for k in ("write", "read")}
+        self._misses = {k: metrics.key_cache_misses.labels(k) for k in ("write", "read")}
+
+    # ------------------------------------------------------------------ keks
+
+    def kek(self, kek_uri: str) -> BreakerKek:
+        """The resolved ``Kek`` for a URI, wrapped once as ``BreakerKek(MeteredKek(kek))``.
+
+        Raises ``KeyConfigError`` if the URI does not resolve.
+        """
+        kek = self._keks.get(kek_uri)
+        if kek is None:
+            breaker = CircuitBreaker(self._breaker_threshold, self._breaker_reset, self._clock)
+            kek = BreakerKek(MeteredKek(self._resolve(kek_uri), self._metrics), breaker)
+            self._keks[kek_uri] = kek
+        return kek
+
+    def _epoch(self, kek_uri: str) -> int:
+        return self._epochs.get(kek_uri, 0)
+
+    # ----------------------------------------------------------- data keys
+
+    async def data_key_for_write(self, kek_uri: str, bucket: str) -> DataKey:
+        """The data key to seal new objects of ``bucket`` under, at most one KMS call per TTL."""
+        key = (kek_uri, bucket)
+        dk = self._writes.get(key)
+        if dk is not None:
+            self._hits["write"].inc()
+            return dk
+        self._misses["write"].inc()
+        return await _single_flight(
+            self._write_flights, key, lambda: self._fetch_write(kek_uri, bucket)
+        )
+
+    async def _fetch_write(self, kek_uri: str, bucket: str) -> DataKey:
+        kek = self.kek(kek_uri)
+        epoch = self._epoch(kek_uri)
+        dk = await self._call(kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket}))
+        if len(dk.plaintext) != DATA_KEY_BYTES:
+            raise KmsError(
+                f"{kek.provider} returned a {len(dk.plaintext)}-byte data key for {kek_uri}, "
+                f"expected {DATA_KEY_BYTES}",
+                key_uri=kek_uri,
+                provider=kek.provider,
+            )
+        if self._epoch(kek_uri) == epoch:
+            self._writes.put((kek_uri, bucket), dk)
+            self._reads.put((kek_uri, (dk.wrapped, bucket)), dk.plaintext)
+        return dk
+
+    async def unwrap(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
+        """The plaintext of a wrapped data key stored in ``bucket``'s object metadata."""
+        key = (kek_uri, (wrapped, bucket))
+        plaintext = self._reads.get(key)
+        if plaintext is not None:
+            self._hits["read"].inc()
+            return plaintext
+        self._misses["read"].inc()
+        return await _single_flight(
+            self._read_flights, key, lambda: self._fetch_read(kek_uri, wrapped, bucket)
+        )
+
+    async def _fetch_read(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
+        kek = self.kek(kek_uri)
+        epoch = self._epoch(kek_uri)
+        plaintext = await self._call(
+            kek_uri, epoch, "decrypt", kek.unwrap(wrapped, {"bucket": bucket})
+        )
+        if self._epoch(kek_uri) == epoch:
+            self._reads.put((kek_uri, (wrapped, bucket)), plaintext)
+        return plaintext
+
+    async def _call(self, kek_uri: str, epoch: int, op: _Op | None, call: Awaitable[T]) -> T:
+        """Await one KMS call and update the key's health from its outcome.
+
+        ``op`` None: a success does not by itself mark the key available (a
+        multi-step check marks it at the end).
+        """
+        try:
+            result = await call
+        except KeyUnavailableError as exc:
+            self._denied(kek_uri, op, exc)
+            raise
+        except KmsUnreachableError as exc:
+            self._set_health(kek_uri, "unreachable", f"unreachable: {exc}")
+            raise
+        if op is not None and self._epoch(kek_uri) == epoch:
+            self._succeeded(kek_uri, op)
+        return result
+
+    # ---------------------------------------------------------- validation
+
+    async def validate(self, kek_uri: str, expected_location: str | None) -> None:
+        """Check a configured key: location match, then a wrap/unwrap round trip.
+
+        Raises ``KeyConfigError`` naming the key URI, provider and the provider's
+        message when the key is unusable (malformed, wrong location, denied, wrong
+        round trip), and ``KmsUnreachableError`` (same naming) when the KMS could
+        not be reached - a transient condition the caller may retry.
+        """
+        kek = self.kek(kek_uri)
+        provider = kek.provider
+        location = kek.location
+        if (
+            expected_location is not None
+            and location is not None
+            and location.casefold() != expected_location.casefold()
+        ):
+            raise KeyConfigError(
+                f"key {kek_uri} ({provider}) is in location {location!r}, "
+                f"but {expected_location!r} is expected",
+                key_uri=kek_uri,
+                provider=provider,
+            )
+        probe = os.urandom(DATA_KEY_BYTES)
+        epoch = self._epoch(kek_uri)
+        try:
+            w = await self._call(kek_uri, epoch, None, kek.wrap(probe, VALIDATION_CONTEXT))
+            back = await self._call(kek_uri, epoch, None, kek.unwrap(w.wrapped, VALIDATION_CONTEXT))
+        except KmsUnreachableError as exc:
+            raise KmsUnreachableError(
+                f"key {kek_uri} ({provider}) could not be validated: {exc}",
+                key_uri=kek_uri,
+                provider=provider,
+            ) from exc
+        except KmsError as exc:
+            raise KeyConfigError(
+                f"key {kek_uri} ({provider}) failed validation: {exc}",
+                key_uri=kek_uri,
+                provider=provider,
+            ) from exc
+        if not hmac.compare_digest(back, probe):
+            raise KeyConfigError(
+                f"key {kek_uri} ({provider}) failed validation: "
+                "unwrap did not return what was wrapped",
+                key_uri=kek_uri,
+                provider=provider,
+            )
+        if self._epoch(kek_uri) == epoch:
+            self._succeeded(kek_uri, "round_trip")
+
+    # -------------------------------------------------------------- health
+
+    def register(self, kek_uri: str) -> None:
+        """Declare a configured key: it is probed and has a ``cmek_key_available`` gauge."""
+        self._registered[kek_uri] = None
+        health = self._health.get(kek_uri)
+        if health is not None and health.state != "unknown":
+            self._metrics.key_available.labels(kek_uri).set(
+                1.0 if health.state == "available" else 0.0
+            )
+
+    def status(self) -> dict[str, KeyStatus]:
+        """Availability of every configured key."""
+        out: dict[str, KeyStatus] = {}
+        for uri in self._registered:
+            h = self._health.get(uri)
+            if h is None:
+                out[uri] = KeyStatus(False, "unknown", "not yet used or probed", 0.0)
+            else:
+                out[uri] = KeyStatus(h.state == "available", h.state, h.reason, h.since)
+        return out
+
+    async def probe_once(self) -> None:
+        """Round-trip every configured key once (generate_data_key + unwrap)."""
+        await asyncio.gather(*(self._probe(uri) for uri in list(self._registered)))
+
+    async def run_prober(self, interval: float) -> None:
+        """Probe every ``interval`` seconds until cancelled."""
+        if not interval > 0:
+            raise ValueError(f"probe interval must be > 0 seconds, got {interval}")
+        while True:
+            await self.probe_once()
+            await asyncio.sleep(interval)
+
+    async def _probe(self, kek_uri: str) -> None:
+        try:
+            kek = self.kek(kek_uri)
+        except KeyConfigError as exc:
+            self._set_health(kek_uri, "unreachable", f"error: {exc}")
+            return
+        epoch = self._epoch(kek_uri)
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                dk = await self._call(kek_uri, epoch, None, kek.generate_data_key(PROBE_CONTEXT))
+                back = await self._call(kek_uri, epoch, None, kek.unwrap(dk.wrapped, PROBE_CONTEXT))
+        except (KeyUnavailableError, KmsUnreachableError):
+            return  # ``_call`` has recorded it (and dropped material on denial)
+        except KmsError as exc:
+            self._set_health(kek_uri, "unreachable", f"error: {exc}")
+            return
+        except TimeoutError:
+            self._set_health(
+                kek_uri, "unreachable", f"unreachable: probe timed out after {self._probe_timeout}s"
+            )
+            return
+        if not hmac.compare_digest(back, dk.plaintext):
+            self._set_health(
+                kek_uri, "unreachable", "error: probe unwrap did not return the generated key"
+            )
+            return
+        if self._epoch(kek_uri) == epoch:
+            self._succeeded(kek_uri, "round_trip")
+
+    def drop_key(self, kek_uri: str, reason: str) -> None:
+        """Drop all cached material of a key now (e.g. it was removed from the config)."""
+        self._drop(kek_uri, "dropped")
+        log.info("dropped cached material of key %s: %s", kek_uri, reason)
+
+    def _drop(self, kek_uri: str, reason: str) -> int:
+        self._epochs[kek_uri] = self._epoch(kek_uri) + 1
+        return self._writes.drop_uri(kek_uri, reason) + self._reads.drop_uri(kek_uri, reason)
+
+    def _denied(self, kek_uri: str, op: _Op | None, exc: KeyUnavailableError) -> None:
+        dropped = self._drop(kek_uri, "denied")
+        reason = f"{exc.kind.value}: {exc}"
+        if dropped:
+            log.warning("key %s denied; dropped %d cached entries", kek_uri, dropped)
+        self._set_health(kek_uri, "revoked", reason, denied_op=op)
+
+    def _succeeded(self, kek_uri: str, op: _Op) -> None:
+        h = self._health.get(kek_uri)
+        if h is not None and h.state == "available":
+            return
+        if (
+            h is not None
+            and h.state == "revoked"
+            and op != "round_trip"
+            and h.denied_op is not None
+            and h.denied_op != op
+        ):
+            # e.g. encrypt still allowed while decrypt is denied: not restored
+            return
+        self._set_health(kek_uri, "available", "ok")
+
+    def _set_health(
+        self, kek_uri: str, state: KeyState, reason: str, *, denied_op: _Op | None = None
+    ) -> None:
+        h = self._health.get(kek_uri)
+        if h is not None and h.state == state:
+            h.reason = reason
+            h.denied_op = denied_op
+            return
+        previous = h.state if h is not None else "unknown"
+        now = self._wall_clock()
+        self._health[kek_uri] = _Health(state, reason, now, denied_op)
+        if kek_uri in self._registered:
+            self._metrics.key_available.labels(kek_uri).set(1.0 if state == "available" else 0.0)
+        kind: EventKind | None
+        if state == "revoked":
+            kind = "revoked"
+            log.warning("key %s is unavailable: %s", kek_uri, reason)
+        elif state == "unreachable":
+            kind = "unreachable"
+            log.warning("key %s is unreachable: %s", kek_uri, reason)
+        elif state == "available" and previous in ("revoked", "unreachable"):
+            kind = "restored"
+            log.info("key %s is available again", kek_uri)
+        else:
+            kind = None
+        if kind is not None and self._on_event is not None:
+            self._on_event(KeyEvent(kind, kek_uri, reason, now))
+
+
+async def _single_flight(
+    flights: dict[K, asyncio.Task[V]],
+    key: K,
+    fetch: Callable[[], Coroutine[Any, Any, V]],
+) -> V:
+    """Join the in-flight call for ``key`` or start it; every waiter gets its outcome.
+
+    The call runs as its own task, so a waiter that is cancelled does not cancel
+    it for the others.
+    """
+    task = flights.get(key)
+    if task is None:
+        task = asyncio.create_task(_flight(flights, key, fetch))
+        flights[key] = task
+        task.add_done_callback(lambda t: _forget(flights, key, t))
+    return await asyncio.shield(task)
+
+
+async def _flight(
+    flights: dict[K, asyncio.Task[V]], key: K, fetch: Callable[[], Coroutine[Any, Any, V]]
+) -> V:
+    try:
+        return await fetch()
+    finally:
+        # leave at completion, in the same step that filled the cache
+        flights.pop(key, None)
+
+
+def _forget(flights: dict[K, asyncio.Task[V]], key: K, task: asyncio.Task[V]) -> None:
+    # a task cancelled before it started never ran ``_flight``'s finally
+    if flights.get(key) is task:
+        del flights[key]
