@@ -1,0 +1,1 @@
+"""The S3 front end: request authentication, body decoding, checksums, handlers."""
