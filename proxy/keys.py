@@ -17,7 +17,10 @@ stores the wrapped data key.  The binding context sent to the KMS is exactly
   on capacity, and at once on denial;
 * **denial** (``KeyUnavailableError``) drops *all* material of that key, marks it
   revoked and emits a ``KeyEvent``; calls keep going to the KMS, and the next
-  success marks the key available again;
+  success marks the key available again - a success on the same side (encrypt:
+  generate/wrap, decrypt: unwrap) as the denial that revoked it, or a full probe /
+  validation round trip, so a key that still allows encrypt but denies decrypt
+  does not flap between revoked and restored;
 * **outage** (``KmsUnreachableError``) drops nothing: traffic is served from the
   caches until entries expire, then the error propagates.  A per-key circuit
   breaker stops a dead KMS from being hammered; the prober's call is the
@@ -464,8 +467,9 @@ class KeyService:
     ) -> None:
         h = self._health.get(kek_uri)
         if h is not None and h.state == state:
+            # ``denied_op`` stays that of the call that revoked the key, so that a key
+            # still allowing one side (say encrypt) does not flap revoked/restored
             h.reason = reason
-            h.denied_op = denied_op
             return
         previous = h.state if h is not None else "unknown"
         now = self._wall_clock()
