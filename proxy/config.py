@@ -1,0 +1,182 @@
+"""Configuration: YAML file, then environment-variable overrides, then validation.
+
+Environment overrides use ``CMEK_PROXY__`` and double underscores for nesting, e.g.
+``CMEK_PROXY__BACKEND__ENDPOINT=http://127.0.0.1:9000`` or
+``CMEK_PROXY__KMS__CACHE_TTL=120``.  Values are parsed as YAML scalars.
+
+A bad configuration raises ``ConfigError`` whose message names the field
+(``backend.endpoint``) and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "CMEK_PROXY__"
+MAX_CACHE_TTL = 3600.0
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class Admin(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=0, le=65535)
+    token: str | None = None
+    """Bearer token for the admin API (health and metrics need none)."""
+
+
+class ClientKey(_Model):
+    access_key: str = Field(min_length=3)
+    secret_key: str = Field(min_length=8)
+
+
+class Backend(_Model):
+    endpoint: str
+    region: str = "us-east-1"
+    access_key: str
+    secret_key: str
+    addressing: Literal["path", "virtual"] = "path"
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    max_connections: int = Field(default=256, ge=1)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=300.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class Kms(_Model):
+    cache_ttl: float = Field(default=300.0, gt=0, le=MAX_CACHE_TTL)
+    """Seconds an unwrapped key may be used; the revocation delay. Hard cap 1 hour."""
+    cache_entries: int = Field(default=10_000, ge=1)
+    probe_interval: float = Field(default=30.0, gt=0)
+    timeout: float = Field(default=5.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+
+
+class KeySpec(_Model):
+    """An encryption spec: a key URI, optionally with the location it must be in."""
+
+    key: str
+    location: str | None = None
+
+
+class EncryptionRule(_Model):
+    """One bucket or bucket/prefix spec: a key, or passthrough."""
+
+    key: str | None = None
+    location: str | None = None
+    passthrough: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> EncryptionRule:
+        if self.passthrough == (self.key is not None):
+            raise ValueError("give exactly one of 'key' or 'passthrough: true'")
+        return self
+
+
+class Encryption(_Model):
+    default: EncryptionRule | Literal["refuse", "passthrough"] = "refuse"
+    buckets: dict[str, EncryptionRule] = Field(default_factory=dict)
+    """Keys are ``bucket`` or ``bucket/prefix``; the longest match wins."""
+    unencrypted_paths: list[str] = Field(default_factory=list)
+    """Globs (``bucket/cache/**``, ``*/tmp/*``) stored as sent: short-lived data."""
+    strict: bool = False
+    """Refuse to serve objects that are stored unencrypted on encrypted paths."""
+
+
+class Config(_Model):
+    listen: Listen = Field(default_factory=Listen)
+    admin: Admin = Field(default_factory=Admin)
+    region: str = "us-east-1"
+    """The region clients sign their requests for."""
+    clients: list[ClientKey] = Field(min_length=1)
+    backend: Backend
+    kms: Kms = Field(default_factory=Kms)
+    encryption: Encryption = Field(default_factory=Encryption)
+    max_clock_skew: float = Field(default=900.0, gt=0)
+    virtual_host_domain: str | None = None
+    """Base domain for virtual-host-style addressing (``bucket.<domain>``)."""
+    data_dir: Path | None = None
+    """Where the audit log and other local state live."""
+
+    def key_uris(self) -> list[str]:
+        uris = [r.key for r in self.encryption.buckets.values() if r.key]
+        d = self.encryption.default
+        if isinstance(d, EncryptionRule) and d.key:
+            uris.append(d.key)
+        return sorted(set(uris))
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def apply_env(tree: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, path, value)
+    return tree
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        lines.append(f"{loc or '<root>'}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def parse_config(tree: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    data = apply_env(dict(tree), os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return parse_config(raw, environ)
