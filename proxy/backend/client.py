@@ -1,0 +1,215 @@
+"""A small streaming S3 client for the real object store behind the proxy.
+
+It signs every request with ``proxy.s3.sigv4`` (the same canonicalisation the
+front end verifies with), never buffers bodies (request bodies are async
+iterables with a known Content-Length; response bodies are read by the caller),
+and maps transport failures to ``BackendUnavailable``.  It knows nothing of
+encryption.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote
+from xml.etree import ElementTree
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import Backend as BackendConfig
+from proxy.errors import S3Error
+from proxy.s3.sigv4 import Credentials, SigningKeyCache, sign_headers
+
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+def aws_quote(value: str, safe: str = "~") -> str:
+    """AWS URI encoding: unreserved characters kept, everything else %XX (UTF-8)."""
+    return quote(value, safe=safe)
+
+
+def encode_query(query: Sequence[tuple[str, str]]) -> str:
+    return "&".join(
+        f"{aws_quote(k)}={aws_quote(v)}" if v != "" else f"{aws_quote(k)}=" for k, v in query
+    )
+
+
+class BackendUnavailable(S3Error):
+    """The backend could not be reached: the client gets 503 and may retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("ServiceUnavailable", message, 503)
+
+
+@dataclass(frozen=True)
+class BackendError:
+    code: str
+    message: str
+    status: int
+
+
+def parse_error(status: int, body: bytes) -> S3Error:
+    """Turn a backend error response into the S3Error the client should see."""
+    code, message = "", ""
+    if body:
+        try:
+            root = ElementTree.fromstring(body)
+            code = root.findtext("Code") or ""
+            message = root.findtext("Message") or ""
+        except ElementTree.ParseError:
+            pass
+    if not code:
+        code = {
+            400: "InvalidRequest",
+            403: "AccessDenied",
+            404: "NoSuchKey",
+            405: "MethodNotAllowed",
+            409: "Conflict",
+            412: "PreconditionFailed",
+            416: "InvalidRange",
+            501: "NotImplemented",
+            503: "ServiceUnavailable",
+        }.get(status, "InternalError")
+    if status >= 500:
+        # Never leak backend internals; clients retry 5xx.
+        return S3Error(
+            "ServiceUnavailable" if status == 503 else "InternalError",
+            "the backend object store failed",
+            503 if status == 503 else 500,
+        )
+    return S3Error(code, message or code, status)
+
+
+class BackendClient:
+    """Signed, streaming requests to one S3-compatible endpoint."""
+
+    def __init__(self, cfg: BackendConfig, session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        self._creds = Credentials(cfg.access_key, cfg.secret_key)
+        self._base = URL(cfg.endpoint)
+        self._key_cache = SigningKeyCache(16)
+
+    @staticmethod
+    def make_session(cfg: BackendConfig) -> aiohttp.ClientSession:
+        ssl_ctx: ssl.SSLContext | bool
+        if not cfg.verify_tls:
+            ssl_ctx = False
+        elif cfg.ca_bundle is not None:
+            ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+        else:
+            ssl_ctx = True
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_connections, ssl=ssl_ctx, enable_cleanup_closed=True
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+        )
+
+    def url_for(self, bucket: str | None, key: str | None, query: Sequence[tuple[str, str]]) -> str:
+        base = self._base
+        path = base.raw_path.rstrip("/")
+        host = base.raw_host or ""
+        if bucket and self.cfg.addressing == "virtual":
+            host = f"{bucket}.{host}"
+            path += "/" + (aws_quote(key, safe="/~") if key else "")
+        elif bucket:
+            path += "/" + aws_quote(bucket)
+            if key is not None:
+                path += "/" + aws_quote(key, safe="/~")
+        else:
+            path += "/"
+        port = f":{base.port}" if base.port and not base.is_default_port() else ""
+        q = encode_query(sorted(query)) if query else ""
+        return f"{base.scheme}://{host}{port}{path}" + (f"?{q}" if q else "")
+
+    async def request(
+        self,
+        method: str,
+        bucket: str | None = None,
+        key: str | None = None,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        body: Body = None,
+        content_length: int | None = None,
+        payload_hash: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one signed request. The caller reads and releases the response."""
+        url = self.url_for(bucket, key, query)
+        hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+        if body is None:
+            payload = payload_hash or EMPTY_SHA256
+            if method in ("PUT", "POST"):
+                hdrs["content-length"] = "0"
+        elif isinstance(body, bytes):
+            payload = payload_hash or UNSIGNED_PAYLOAD
+            hdrs["content-length"] = str(len(body))
+        else:
+            if content_length is None:
+                raise ValueError("streamed backend bodies need a content length")
+            payload = payload_hash or UNSIGNED_PAYLOAD
+            hdrs["content-length"] = str(content_length)
+        hdrs.update(
+            sign_headers(
+                method,
+                url,
+                hdrs,
+                payload,
+                self._creds,
+                self.cfg.region,
+                "s3",
+                now=datetime.now(UTC),
+                key_cache=self._key_cache,
+            )
+        )
+        try:
+            return await self.session.request(
+                method, URL(url, encoded=True), headers=hdrs, data=body, allow_redirects=False
+            )
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise BackendUnavailable(f"backend unreachable: {type(exc).__name__}") from exc
+
+    async def call(
+        self,
+        method: str,
+        bucket: str | None = None,
+        key: str | None = None,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        body: Body = None,
+        content_length: int | None = None,
+        ok: Sequence[int] = (200, 204),
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """A request whose (small) response body is read whole; errors raised as S3Error."""
+        resp = await self.request(
+            method,
+            bucket,
+            key,
+            query=query,
+            headers=headers,
+            body=body,
+            content_length=content_length,
+        )
+        try:
+            data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnavailable(f"backend read failed: {type(exc).__name__}") from exc
+        finally:
+            resp.release()
+        if resp.status not in ok:
+            raise parse_error(resp.status, data)
+        return resp, data

@@ -1,0 +1,691 @@
+"""The encryption layer: PUT, GET, HEAD and listing rewrites with envelope encryption.
+
+This is the one place where plaintext meets ciphertext.  It takes plaintext
+bodies as async iterators (already de-framed and verified by the S3 front end),
+encrypts them segment by segment into a streaming backend request, and turns
+backend responses back into plaintext streams that release a segment only after
+it authenticated.  It knows nothing of HTTP servers, SigV4 or XML errors
+beyond raising ``S3Error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import crypto
+from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.keys import KeyService
+from proxy.metrics import Metrics
+from proxy.policy import Decision, Policy
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK: Final = 256 * 1024
+SSE_HEADER: Final = "x-amz-server-side-encryption"
+SSE_KEY_HEADER: Final = "x-amz-server-side-encryption-aws-kms-key-id"
+ETAG_SUFFIX: Final = "-c"
+
+# Request headers stored with the object as sent.
+PUT_PASS_HEADERS: Final = frozenset(
+    {
+        "content-type",
+        "content-disposition",
+        "content-language",
+        "cache-control",
+        "expires",
+        "x-amz-tagging",
+        "x-amz-storage-class",
+        "x-amz-website-redirect-location",
+        "x-amz-acl",
+        "x-amz-object-lock-mode",
+        "x-amz-object-lock-retain-until-date",
+        "x-amz-object-lock-legal-hold",
+        "if-none-match",
+        "if-match",
+    }
+)
+# Response headers passed back from the backend as stored.
+GET_PASS_HEADERS: Final = frozenset(
+    {
+        "content-type",
+        "content-disposition",
+        "content-encoding",
+        "content-language",
+        "cache-control",
+        "expires",
+        "last-modified",
+        "x-amz-tagging-count",
+        "x-amz-storage-class",
+        "x-amz-version-id",
+        "x-amz-delete-marker",
+        "x-amz-object-lock-mode",
+        "x-amz-object-lock-retain-until-date",
+        "x-amz-object-lock-legal-hold",
+        "x-amz-restore",
+        "x-amz-expiration",
+        "x-amz-mp-parts-count",
+    }
+)
+
+
+def client_etag(backend_etag: str | None, encrypted: bool) -> str | None:
+    """The ETag a client sees.
+
+    For encrypted objects the backend's ETag is the MD5 of ciphertext; showing it
+    as-is would make MD5-checking clients (rclone) report corruption, so it gets a
+    suffix that no S3 ETag has and that marks it as not-an-MD5.  The mapping is a
+    pure function of the backend ETag, so PUT, HEAD, GET and LIST agree.
+    """
+    if backend_etag is None or not encrypted:
+        return backend_etag
+    core = backend_etag.strip().strip('"')
+    return f'"{core}{ETAG_SUFFIX}"'
+
+
+def backend_etag(client_value: str) -> str:
+    """Map an ETag a client sent (If-Match etc.) back to the backend's form."""
+    out = []
+    for item in client_value.split(","):
+        v = item.strip()
+        weak = v.startswith("W/")
+        core = v[2:] if weak else v
+        core = core.strip('"')
+        if core.endswith(ETAG_SUFFIX):
+            core = core[: -len(ETAG_SUFFIX)]
+        if v == "*":
+            out.append("*")
+        else:
+            out.append(('W/"' if weak else '"') + core + '"')
+    return ", ".join(out)
+
+
+def _user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname.startswith(crypto.META_PREFIX):
+            if crypto.is_internal(lname):
+                raise S3Error(
+                    "InvalidArgument",
+                    f"metadata names starting with {crypto.INTERNAL_PREFIX} are reserved",
+                    400,
+                )
+            out[lname] = value
+    return out
+
+
+@dataclass
+class PutResult:
+    etag: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GetResult:
+    status: int
+    headers: CIMultiDict[str]
+    body: AsyncGenerator[bytes, None] | None
+    content_length: int
+
+
+class _BodyFailure:
+    """Holds an error raised while streaming a request body to the backend."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+
+class ObjectLayer:
+    def __init__(
+        self, backend: BackendClient, keys: KeyService, policy: Policy, metrics: Metrics
+    ) -> None:
+        self.backend = backend
+        self.keys = keys
+        self.policy = policy
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------ PUT
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        headers: Mapping[str, str],
+        body: AsyncIterator[bytes],
+        length: int,
+    ) -> PutResult:
+        """Store ``length`` plaintext bytes from ``body`` (verified by the caller's iterator)."""
+        decision = self.decide_write(bucket, key)
+        out_headers = {k: v for k, v in headers.items() if k.lower() in PUT_PASS_HEADERS}
+        if "if-match" in out_headers:
+            out_headers["if-match"] = backend_etag(out_headers["if-match"])
+        enc = headers.get("content-encoding")
+        if enc:
+            parts = [p.strip() for p in enc.split(",") if p.strip() and p.strip() != "aws-chunked"]
+            if parts:
+                out_headers["content-encoding"] = ", ".join(parts)
+        out_headers.update(_user_metadata(headers))
+        if not decision.encrypt:
+            self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
+            return await self._send_put(bucket, key, out_headers, body, length, encrypted=False)
+        assert decision.key_uri is not None
+        dk = await self.keys.data_key_for_write(decision.key_uri, bucket)
+        object_key = crypto.new_object_key()
+        sealed = crypto.seal_object_key(
+            dk.plaintext, object_key, crypto.Binding(bucket=bucket, key=key, multipart=False)
+        )
+        env = crypto.Envelope(
+            kek_uri=decision.key_uri,
+            kek_version=dk.key_version,
+            wrapped_data_key=dk.wrapped,
+            sealed_object_key=sealed,
+            multipart=False,
+        )
+        out_headers.update(crypto.to_metadata(env))
+        encrypted_body = self._encrypt_stream(object_key, body, length)
+        res = await self._send_put(
+            bucket,
+            key,
+            out_headers,
+            encrypted_body,
+            crypto.ciphertext_size(length),
+            encrypted=True,
+        )
+        res.headers.update(sse_headers(decision.key_uri))
+        return res
+
+    def decide_write(self, bucket: str, key: str) -> Decision:
+        decision = self.policy.decide(bucket, key)
+        if decision.refuse:
+            raise S3Error(
+                "AccessDenied",
+                "no encryption spec covers this bucket and the default refuses writes",
+                403,
+            )
+        return decision
+
+    @staticmethod
+    async def _encrypt_stream(
+        object_key: bytes, body: AsyncIterator[bytes], length: int, part: int = 0
+    ) -> AsyncIterator[bytes]:
+        enc = crypto.StreamEncryptor(object_key, part)
+        seen = 0
+        async for chunk in body:
+            seen += len(chunk)
+            if seen > length:
+                raise S3Error("IncompleteBody", "the body is longer than its declared length", 400)
+            out = enc.update(chunk)
+            if out:
+                yield out
+        if seen != length:
+            raise S3Error(
+                "IncompleteBody",
+                "You did not provide the number of bytes specified by the Content-Length "
+                "HTTP header",
+                400,
+            )
+        # The final segment leaves only now: after the caller's iterator verified the body.
+        yield enc.finalize()
+
+    async def _send_put(
+        self,
+        bucket: str,
+        key: str,
+        headers: dict[str, str],
+        body: AsyncIterator[bytes],
+        length: int,
+        *,
+        encrypted: bool,
+        query: tuple[tuple[str, str], ...] = (),
+    ) -> PutResult:
+        failure = _BodyFailure()
+
+        async def guarded() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            except BaseException as exc:
+                failure.error = exc
+                raise
+
+        try:
+            resp = await self.backend.request(
+                "PUT",
+                bucket,
+                key,
+                query=query,
+                headers=headers,
+                body=guarded(),
+                content_length=length,
+            )
+        except (BackendUnavailable, aiohttp.ClientError) as exc:
+            if failure.error is not None:
+                raise failure.error from None
+            if isinstance(exc, BackendUnavailable):
+                raise
+            raise BackendUnavailable(f"backend write failed: {type(exc).__name__}") from exc
+        if failure.error is not None:
+            resp.release()
+            raise failure.error
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        if resp.status != 200:
+            raise parse_error(resp.status, data)
+        out: dict[str, str] = {}
+        if "x-amz-version-id" in resp.headers:
+            out["x-amz-version-id"] = resp.headers["x-amz-version-id"]
+        return PutResult(etag=client_etag(resp.headers.get("etag"), encrypted), headers=out)
+
+    # ------------------------------------------------------------------ GET / HEAD
+    async def head_object(
+        self, bucket: str, key: str, cond: Mapping[str, str], query: tuple[tuple[str, str], ...]
+    ) -> GetResult:
+        resp, _ = await self.backend.call(
+            "HEAD", bucket, key, query=query, headers=_backend_conditions(cond), ok=(200, 304)
+        )
+        env = self._envelope(resp.headers)
+        size = int(resp.headers.get("content-length", "0"))
+        headers = self._response_headers(resp.headers, env)
+        if env is not None:
+            size = self._plaintext_size(size)
+        elif self.policy.strict and self.policy.may_be_encrypted(bucket, key):
+            raise _strict_refusal()
+        return GetResult(resp.status, headers, None, size)
+
+    async def get_object(
+        self,
+        bucket: str,
+        key: str,
+        range_header: str | None,
+        cond: Mapping[str, str],
+        query: tuple[tuple[str, str], ...],
+    ) -> GetResult:
+        """One backend GET in the common case.
+
+        A range is translated into the stored segments that hold it, guessing from the
+        policy whether the object is encrypted; only when the guess was wrong (a legacy
+        plaintext object on an encrypted path, or the reverse) is a second request made.
+        """
+        rng = parse_range(range_header) if range_header else None
+        guess = self.policy.may_be_encrypted(bucket, key)
+        result = await self._get(bucket, key, rng, cond, query, guess_encrypted=guess)
+        if result is None:
+            result = await self._get(bucket, key, rng, cond, query, guess_encrypted=not guess)
+            if result is None:
+                raise FormatError("object changed between two reads")
+        return result
+
+    async def _get(
+        self,
+        bucket: str,
+        key: str,
+        rng: ClientRange | None,
+        cond: Mapping[str, str],
+        query: tuple[tuple[str, str], ...],
+        *,
+        guess_encrypted: bool,
+    ) -> GetResult | None:
+        """GET with the range fitted to the guess; None when the guess proved wrong."""
+        hdrs = _backend_conditions(cond)
+        if rng is not None:
+            hdrs["range"] = stored_range_for(rng) if guess_encrypted else rng.header()
+        resp = await self.backend.request("GET", bucket, key, query=query, headers=hdrs)
+        keep_open = False
+        try:
+            if resp.status == 304:
+                return GetResult(304, self._response_headers(resp.headers, None), None, 0)
+            if resp.status == 416 and rng is not None:
+                # The stored range starts past the end: learn the real size and say so.
+                return await self._range_not_satisfiable(bucket, key, query)
+            if resp.status not in (200, 206):
+                raise parse_error(resp.status, await resp.read())
+            env = self._envelope(resp.headers)
+            if rng is not None and resp.status == 206 and (env is not None) != guess_encrypted:
+                return None
+            if env is None:
+                result = self._plaintext_result(bucket, key, resp, rng)
+            else:
+                result = await self._decrypt_result(bucket, key, resp, env, rng)
+            keep_open = True
+            return result
+        finally:
+            if not keep_open:
+                resp.release()
+
+    async def _range_not_satisfiable(
+        self, bucket: str, key: str, query: tuple[tuple[str, str], ...]
+    ) -> GetResult:
+        head, _ = await self.backend.call("HEAD", bucket, key, query=query)
+        size = int(head.headers.get("content-length", "0"))
+        if self._envelope(head.headers) is not None:
+            size = self._plaintext_size(size)
+        raise invalid_range(size)
+
+    def _plaintext_result(
+        self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
+    ) -> GetResult:
+        legacy = self.policy.may_be_encrypted(bucket, key)
+        if legacy and self.policy.strict:
+            raise _strict_refusal()
+        self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
+        headers = self._response_headers(resp.headers, None)
+        for h in ("x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
+                  "x-amz-checksum-sha1", "x-amz-checksum-sha256", "x-amz-checksum-type",
+                  "etag", SSE_HEADER, SSE_KEY_HEADER):
+            if h in resp.headers:
+                headers[h] = resp.headers[h]
+        if resp.status == 206 or rng is None:
+            length = int(resp.headers.get("content-length", "0"))
+            if resp.status == 206 and "content-range" in resp.headers:
+                headers["content-range"] = resp.headers["content-range"]
+            return GetResult(resp.status, headers, _iter_body(resp, length), length)
+        # The backend ignored Range (answered 200 with the whole object).
+        total = int(resp.headers.get("content-length", "0"))
+        start, end = rng.resolve(total)
+        headers["content-range"] = f"bytes {start}-{end}/{total}"
+        length = end - start + 1
+        return GetResult(206, headers, _slice_body(resp, start, length), length)
+
+    async def _decrypt_result(
+        self,
+        bucket: str,
+        key: str,
+        resp: aiohttp.ClientResponse,
+        env: crypto.Envelope,
+        rng: ClientRange | None,
+    ) -> GetResult:
+        # Stored offset and total stored size of what the backend sent.
+        stored_total, stored_start = _stored_extent(resp)
+        plain_total = self._plaintext_size(stored_total)
+        object_key = await self._object_key(bucket, key, env)
+        headers = self._response_headers(resp.headers, env)
+        total_segments = crypto.segment_count(stored_total)
+        if rng is None:
+            plan = crypto.SegmentRange(
+                first_segment=0,
+                last_segment=total_segments - 1,
+                ct_start=0,
+                ct_end=stored_total - 1,
+                skip=0,
+                length=plain_total,
+            )
+            status = 200
+        else:
+            start, end = rng.resolve(plain_total)
+            plan = crypto.plan_range(plain_total, start, end)
+            headers["content-range"] = f"bytes {start}-{end}/{plain_total}"
+            status = 206
+        if stored_start > plan.ct_start:
+            raise FormatError("backend returned a range that starts after the needed segments")
+        decryptor = crypto.StreamDecryptor(
+            object_key,
+            multipart=env.multipart,
+            first_segment=plan.first_segment,
+            last_segment=plan.last_segment,
+            total_segments=total_segments,
+        )
+        body = self._decrypt_body(resp, decryptor, plan, plan.ct_start - stored_start)
+        return GetResult(status, headers, body, plan.length)
+
+    async def _decrypt_body(
+        self,
+        resp: aiohttp.ClientResponse,
+        decryptor: crypto.StreamDecryptor,
+        plan: crypto.SegmentRange,
+        discard: int,
+    ) -> AsyncGenerator[bytes, None]:
+        need = plan.ct_end - plan.ct_start + 1
+        skip = plan.skip
+        remaining = plan.length
+        try:
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if discard:
+                    if len(chunk) <= discard:
+                        discard -= len(chunk)
+                        continue
+                    chunk = chunk[discard:]
+                    discard = 0
+                if len(chunk) > need:
+                    chunk = chunk[:need]
+                need -= len(chunk)
+                plain = decryptor.update(chunk)
+                if need == 0:
+                    plain += decryptor.finalize()
+                if plain:
+                    if skip:
+                        cut = min(skip, len(plain))
+                        plain = plain[cut:]
+                        skip -= cut
+                    if len(plain) > remaining:
+                        plain = plain[:remaining]
+                    remaining -= len(plain)
+                    if plain:
+                        yield plain
+                if need == 0:
+                    break
+            if need or remaining:
+                raise IntegrityError("stored object ended early")
+        except IntegrityError:
+            self.metrics.integrity_failures.inc()
+            raise
+        finally:
+            resp.release() if need == 0 else resp.close()
+
+    # ------------------------------------------------------------------ helpers
+    async def _object_key(self, bucket: str, key: str, env: crypto.Envelope) -> bytes:
+        data_key = await self.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+        try:
+            return crypto.open_object_key(
+                data_key,
+                env.sealed_object_key,
+                crypto.Binding(bucket=bucket, key=key, multipart=env.multipart),
+            )
+        except IntegrityError:
+            self.metrics.integrity_failures.inc()
+            raise
+
+    def _envelope(self, headers: Mapping[str, str]) -> crypto.Envelope | None:
+        try:
+            return crypto.from_metadata(headers)
+        except FormatError:
+            self.metrics.integrity_failures.inc()
+            raise
+
+    def _plaintext_size(self, stored: int) -> int:
+        try:
+            return crypto.plaintext_size(stored)
+        except FormatError:
+            self.metrics.integrity_failures.inc()
+            raise
+
+    @staticmethod
+    def _response_headers(
+        backend: CIMultiDictProxy[str], env: crypto.Envelope | None
+    ) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in backend.items():
+            lname = name.lower()
+            if lname in GET_PASS_HEADERS or (
+                lname.startswith(crypto.META_PREFIX) and not crypto.is_internal(lname)
+            ):
+                out.add(lname, value)
+        out["accept-ranges"] = "bytes"
+        if env is not None:
+            etag = client_etag(backend.get("etag"), True)
+            if etag:
+                out["etag"] = etag
+            out.update(sse_headers(env.kek_uri))
+        elif "etag" in backend:
+            out["etag"] = backend["etag"]
+        return out
+
+
+def sse_headers(kek_uri: str) -> dict[str, str]:
+    return {SSE_HEADER: "aws:kms", SSE_KEY_HEADER: kek_uri}
+
+
+def _strict_refusal() -> S3Error:
+    return S3Error(
+        "AccessDenied",
+        "strict mode: this object is stored unencrypted on a path that requires encryption",
+        403,
+    )
+
+
+def _backend_conditions(cond: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for name in ("if-match", "if-none-match"):
+        if name in cond:
+            out[name] = backend_etag(cond[name])
+    for name in ("if-modified-since", "if-unmodified-since"):
+        if name in cond:
+            out[name] = cond[name]
+    return out
+
+
+def _stored_extent(resp: aiohttp.ClientResponse) -> tuple[int, int]:
+    """(total stored size, offset of the first byte in this response)."""
+    if resp.status == 206:
+        cr = resp.headers.get("content-range", "")
+        try:
+            unit_range, _, total_s = cr.partition("/")
+            start_s = unit_range.split()[1].split("-")[0]
+            return int(total_s), int(start_s)
+        except (IndexError, ValueError) as exc:
+            raise FormatError("backend sent a malformed Content-Range") from exc
+    return int(resp.headers.get("content-length", "0")), 0
+
+
+async def _iter_body(resp: aiohttp.ClientResponse, length: int) -> AsyncGenerator[bytes, None]:
+    got = 0
+    try:
+        async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            got += len(chunk)
+            yield chunk
+        if got != length:
+            raise IntegrityError("backend body ended early")
+    finally:
+        resp.release()
+
+
+async def _slice_body(
+    resp: aiohttp.ClientResponse, start: int, length: int
+) -> AsyncGenerator[bytes, None]:
+    pos = 0
+    end = start + length
+    try:
+        async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            c_start, c_end = pos, pos + len(chunk)
+            pos = c_end
+            if c_end <= start:
+                continue
+            lo = max(start - c_start, 0)
+            hi = min(end - c_start, len(chunk))
+            if hi > lo:
+                yield chunk[lo:hi]
+            if pos >= end:
+                return
+        if pos < end:
+            raise IntegrityError("backend body ended early")
+    finally:
+        resp.close()
+
+
+# ---------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class ClientRange:
+    """A parsed ``Range: bytes=…`` header: first-last, first-, or -suffix."""
+
+    first: int | None
+    last: int | None
+
+    def header(self) -> str:
+        first = "" if self.first is None else str(self.first)
+        last = "" if self.last is None else str(self.last)
+        return f"bytes={first}-{last}"
+
+    def resolve(self, size: int) -> tuple[int, int]:
+        """Inclusive (start, end) for an object of ``size`` bytes, or InvalidRange."""
+        if self.first is None:
+            assert self.last is not None
+            if self.last == 0 or size == 0:
+                raise invalid_range(size)
+            return max(0, size - self.last), size - 1
+        if self.first >= size:
+            raise invalid_range(size)
+        end = size - 1 if self.last is None else min(self.last, size - 1)
+        return self.first, end
+
+
+def parse_range(value: str) -> ClientRange | None:
+    """Parse one byte range; unsupported forms (multiple ranges) are ignored as S3 does."""
+    value = value.strip()
+    if not value.startswith("bytes="):
+        return None
+    spec = value[6:].strip()
+    if "," in spec:
+        return None
+    first_s, sep, last_s = spec.partition("-")
+    if not sep:
+        return None
+    try:
+        if first_s == "":
+            return ClientRange(None, int(last_s)) if last_s.isdigit() else None
+        first = int(first_s)
+        if last_s == "":
+            return ClientRange(first, None)
+        last = int(last_s)
+    except ValueError:
+        return None
+    if last < first:
+        return None
+    return ClientRange(first, last)
+
+
+def stored_range_for(rng: ClientRange) -> str:
+    """The backend range that covers the segments a client range needs, without knowing size."""
+    seg = crypto.SEGMENT_SIZE
+    stored = crypto.STORED_SEGMENT_SIZE
+    if rng.first is None:
+        assert rng.last is not None
+        # Enough trailing segments for the suffix, plus the partial last segment.
+        count = -(-rng.last // seg) + 1
+        return f"bytes=-{count * stored}"
+    first_seg = rng.first // seg
+    if rng.last is None:
+        return f"bytes={first_seg * stored}-"
+    last_seg = rng.last // seg
+    return f"bytes={first_seg * stored}-{(last_seg + 1) * stored - 1}"
+
+
+def invalid_range(size: int) -> S3Error:
+    return S3Error(
+        "InvalidRange",
+        "The requested range is not satisfiable",
+        416,
+        headers={"content-range": f"bytes */{size}"},
+        extra={"ActualObjectSize": str(size)},
+    )
+
+
+def http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def random_id(n: int = 16) -> str:
+    return os.urandom(n).hex()
