@@ -1,0 +1,45 @@
+"""Admin listener, never on the S3 port (where ``/metrics`` would be a bucket).
+
+``/healthz`` - the process serves; ``/readyz`` - every configured key is available
+(otherwise 503 naming the key and why); ``/metrics`` - Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.keys import KeyService
+from proxy.metrics import Metrics
+
+
+def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        status = keys.status()
+        unavailable = {
+            uri: {"reason": s.reason, "since": s.since}
+            for uri, s in status.items()
+            if not s.available
+        }
+        body = {
+            "ready": not unavailable,
+            "keys": {
+                uri: {"available": s.available, "reason": s.reason, "since": s.since}
+                for uri, s in status.items()
+            },
+        }
+        return web.json_response(body, status=503 if unavailable else 200)
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        body, ctype = metrics.render()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app

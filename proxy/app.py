@@ -1,0 +1,185 @@
+"""The one place where the parts of cmek-proxy are wired together.
+
+    config -> KMS clients (by key-URI prefix) -> KeyService (cache, breaker, metrics)
+           -> Policy -> BackendClient -> ObjectLayer -> S3 handlers -> S3 app
+                                                      \\-> admin app (health, metrics)
+
+Resources live in aiohttp ``cleanup_ctx`` generators and are reached through
+``AppKey``s, so they start with the server and are closed in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.backend.client import BackendClient
+from proxy.config import Config
+from proxy.errors import KeyConfigError
+from proxy.keys import KeyService
+from proxy.kms.base import Kek, KmsClient, RetryPolicy
+from proxy.metrics import Metrics
+from proxy.objects import ObjectLayer
+from proxy.policy import Policy
+from proxy.s3.auth import Authenticator
+from proxy.s3.handlers import S3Handlers
+from proxy.s3.server import make_s3_app
+from proxy.s3.sigv4 import Credentials
+from proxy.admin.server import make_admin_app
+
+log = logging.getLogger(__name__)
+
+KEYS = web.AppKey("keys", KeyService)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def make_kms_clients(config: Config) -> list[KmsClient]:
+    """One client per provider that a configured key URI needs (and local:// always)."""
+    from proxy.kms.local import LocalKmsClient
+
+    retry = RetryPolicy(attempts=config.kms.retries + 1, timeout=config.kms.timeout)
+    clients: list[KmsClient] = [LocalKmsClient()]
+    schemes = {uri.split("://", 1)[0] for uri in config.key_uris()}
+    if "aws-kms" in schemes:
+        from proxy.kms.aws import AwsKmsClient
+
+        clients.append(AwsKmsClient(retry=retry))
+    if "gcp-kms" in schemes:
+        from proxy.kms.gcp import GcpKmsClient
+
+        clients.append(GcpKmsClient(retry=retry))
+    if "azure-kv" in schemes:
+        from azure.identity.aio import DefaultAzureCredential
+
+        from proxy.kms.azure import AzureKmsClient
+
+        clients.append(AzureKmsClient(DefaultAzureCredential(), retry=retry))
+    if "vault-transit" in schemes:
+        from proxy.kms.vault import VaultKmsClient
+
+        clients.append(VaultKmsClient(retry=retry))
+    return clients
+
+
+def resolver(clients: Sequence[KmsClient]) -> KmsResolver:
+    return KmsResolver(tuple(clients))
+
+
+@dataclass(frozen=True)
+class KmsResolver:
+    """Key URI -> Kek, by the first client that supports the URI's prefix."""
+
+    clients: tuple[KmsClient, ...]
+
+    def __call__(self, uri: str) -> Kek:
+        for client in self.clients:
+            if client.does_support(uri):
+                return client.get_kek(uri)
+        raise KeyConfigError(f"no KMS provider supports key URI {uri!r}", key_uri=uri)
+
+
+@dataclass
+class Proxy:
+    """Both listeners of one proxy process, sharing one set of resources."""
+
+    s3_app: web.Application
+    admin_app: web.Application
+    keys: KeyService
+    metrics: Metrics
+
+
+def build(
+    config: Config,
+    *,
+    kms_clients: Sequence[KmsClient] | None = None,
+    validate_keys: bool = True,
+) -> Proxy:
+    metrics = Metrics()
+    clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
+    keys = KeyService(
+        resolver(clients),
+        metrics,
+        ttl=config.kms.cache_ttl,
+        max_entries=config.kms.cache_entries,
+    )
+    for uri in config.key_uris():
+        keys.register(uri)
+    policy = Policy(config.encryption)
+    session = BackendClient.make_session(config.backend)
+    backend = BackendClient(config.backend, session)
+    objects = ObjectLayer(backend, keys, policy, metrics)
+    creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
+    auth = Authenticator(creds.get, region=config.region, max_skew=config.max_clock_skew)
+    handlers = S3Handlers(objects, backend, auth)
+    s3_app = make_s3_app(handlers, metrics, virtual_host_domain=config.virtual_host_domain)
+    admin_app = make_admin_app(metrics, keys)
+    s3_app[KEYS] = keys
+    s3_app[METRICS] = metrics
+
+    async def resources(_: web.Application) -> AsyncIterator[None]:
+        if validate_keys:
+            for uri in config.key_uris():
+                loc = _location_for(config, uri)
+                await keys.validate(uri, loc)
+                log.info("key validated: %s", uri)
+        prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
+        try:
+            yield
+        finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+            await session.close()
+            for c in clients:
+                await c.close()
+
+    s3_app.cleanup_ctx.append(resources)
+    return Proxy(s3_app, admin_app, keys, metrics)
+
+
+def _location_for(config: Config, uri: str) -> str | None:
+    for rule in config.encryption.buckets.values():
+        if rule.key == uri and rule.location:
+            return rule.location
+    d = config.encryption.default
+    if not isinstance(d, str) and d.key == uri:
+        return d.location
+    return None
+
+
+@dataclass
+class Running:
+    s3_port: int
+    admin_port: int
+    runners: tuple[web.AppRunner, web.AppRunner]
+
+    async def close(self) -> None:
+        for r in reversed(self.runners):
+            await r.cleanup()
+
+
+async def start(config: Config, proxy: Proxy | None = None) -> Running:
+    """Start both listeners; ports 0 pick free ports (reported back)."""
+    proxy = proxy or build(config)
+    s3_runner = web.AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
+    await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
+    admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
+    await admin_runner.setup()
+    s3_site = web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024)
+    await s3_site.start()
+    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+    await admin_site.start()
+    return Running(_port(s3_site), _port(admin_site), (s3_runner, admin_runner))
+
+
+def _port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound port
+    assert server is not None and isinstance(server, asyncio.base_events.Server)
+    sock = server.sockets[0]
+    port: int = sock.getsockname()[1]
+    return port

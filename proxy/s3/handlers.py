@@ -1,0 +1,254 @@
+"""Thin S3 handlers: parse the HTTP request, call the object layer, format the answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.backend.client import BackendClient, parse_error
+from proxy.errors import IntegrityError, FormatError, S3Error
+from proxy.objects import GetResult, ObjectLayer
+from proxy.s3.auth import Authenticator, VerifiedRequest
+from proxy.s3.listing import rewrite_listing
+from proxy.s3.routing import Target
+
+log = logging.getLogger(__name__)
+
+MAX_SMALL_BODY = 1024 * 1024
+COND_HEADERS = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+
+# Subresources passed to the backend as they are: configuration, no object data.
+BUCKET_PASS = frozenset(
+    {
+        "location",
+        "versioning",
+        "tagging",
+        "cors",
+        "lifecycle",
+        "policy",
+        "acl",
+        "ownershipControls",
+        "publicAccessBlock",
+        "logging",
+        "notification",
+        "accelerate",
+        "requestPayment",
+        "website",
+        "object-lock",
+        "policyStatus",
+    }
+)
+OBJECT_PASS = frozenset({"tagging", "acl", "retention", "legal-hold"})
+# Refused on purpose: they would expose or operate on ciphertext.
+REFUSED = {
+    "select": "S3 Select would run over ciphertext",
+    "attributes": "GetObjectAttributes reports stored (ciphertext) sizes and checksums",
+    "torrent": "torrents would serve ciphertext",
+    "encryption": "bucket default encryption is managed by cmek-proxy",
+}
+
+
+def _cond(request: web.Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in COND_HEADERS if h in request.headers}
+
+
+def _query_pass(target: Target, drop: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in target.query if k not in drop)
+
+
+class S3Handlers:
+    def __init__(self, objects: ObjectLayer, backend: BackendClient, auth: Authenticator) -> None:
+        self.objects = objects
+        self.backend = backend
+        self.auth = auth
+
+    async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
+        verified = await self.auth.authenticate(request)
+        for sub, why in REFUSED.items():
+            if target.has(sub) and not (sub == "encryption" and request.method == "GET"):
+                raise S3Error("NotImplemented", f"cmek-proxy refuses this on purpose: {why}", 501)
+        m = request.method
+        if target.bucket is None:
+            if m == "GET":
+                return await self._passthrough(request, target, verified)
+            raise S3Error("MethodNotAllowed", "The specified method is not allowed", 405)
+        if target.key is None:
+            return await self._bucket(request, target, verified)
+        return await self._object(request, target, verified)
+
+    # ------------------------------------------------------------------ buckets
+    async def _bucket(
+        self, request: web.Request, t: Target, v: VerifiedRequest
+    ) -> web.StreamResponse:
+        m = request.method
+        if any(t.has(s) for s in BUCKET_PASS):
+            return await self._passthrough(request, t, v)
+        if m == "GET" and (t.has("uploads")):
+            return await self._passthrough(request, t, v)
+        if m == "GET":
+            return await self._list(request, t)
+        if m in ("PUT", "DELETE", "HEAD") and not t.query:
+            return await self._passthrough(request, t, v)
+        if m == "POST" and t.has("delete"):
+            return await self._passthrough(request, t, v)
+        raise S3Error("NotImplemented", "This bucket operation is not supported", 501)
+
+    async def _list(self, request: web.Request, t: Target) -> web.StreamResponse:
+        assert t.bucket is not None
+        _, body = await self.backend.call("GET", t.bucket, query=t.query)
+        url_encoded = t.get("encoding-type") == "url"
+        out = rewrite_listing(body, t.bucket, self.objects.policy, url_encoded)
+        return web.Response(body=out, content_type="application/xml")
+
+    async def _passthrough(
+        self, request: web.Request, t: Target, v: VerifiedRequest
+    ) -> web.StreamResponse:
+        """Forward a small, data-free request (bucket ops, configuration, tagging)."""
+        body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+        headers = {
+            k: request.headers[k]
+            for k in (
+                "content-type",
+                "content-md5",
+                "x-amz-acl",
+                "x-amz-tagging",
+                "x-amz-expected-bucket-owner",
+                "x-amz-bucket-object-lock-enabled",
+                "x-amz-object-ownership",
+                "x-amz-checksum-crc32",
+                "x-amz-checksum-crc32c",
+                "x-amz-checksum-sha256",
+                "x-amz-checksum-sha1",
+                "x-amz-checksum-crc64nvme",
+                "x-amz-sdk-checksum-algorithm",
+            )
+            if k in request.headers
+        }
+        resp, data = await self.backend.call(
+            request.method,
+            t.bucket,
+            t.key,
+            query=t.query,
+            headers=headers,
+            body=body if body or request.method in ("PUT", "POST") else None,
+            ok=(200, 204, 206),
+        )
+        out_headers = {
+            k: resp.headers[k]
+            for k in (
+                "content-type",
+                "location",
+                "x-amz-bucket-region",
+                "x-amz-version-id",
+                "x-amz-delete-marker",
+            )
+            if k in resp.headers
+        }
+        if request.method == "HEAD":
+            return web.Response(status=resp.status, headers=out_headers)
+        return web.Response(status=resp.status, body=data, headers=out_headers)
+
+    # ------------------------------------------------------------------ objects
+    async def _object(
+        self, request: web.Request, t: Target, v: VerifiedRequest
+    ) -> web.StreamResponse:
+        assert t.bucket is not None and t.key is not None
+        m = request.method
+        if any(t.has(s) for s in OBJECT_PASS):
+            return await self._passthrough(request, t, v)
+        if m == "PUT" and not t.query and "x-amz-copy-source" not in request.headers:
+            return await self._put(request, t, v)
+        if m == "GET" and not _has_unknown(t, ("versionId", "partNumber") + _RESPONSE_OVERRIDES):
+            return await self._get(request, t, head=False)
+        if m == "HEAD" and not _has_unknown(t, ("versionId", "partNumber")):
+            return await self._get(request, t, head=True)
+        if m == "DELETE" and not _has_unknown(t, ("versionId",)):
+            return await self._passthrough(request, t, v)
+        raise S3Error("NotImplemented", "This object operation is not supported yet", 501)
+
+    async def _put(self, request: web.Request, t: Target, v: VerifiedRequest) -> web.StreamResponse:
+        assert t.bucket is not None and t.key is not None
+        body, length = self.auth.plaintext_body(request, v)
+        res = await self.objects.put_object(t.bucket, t.key, request.headers, body, length)
+        headers = dict(res.headers)
+        if res.etag:
+            headers["etag"] = res.etag
+        for name, value in v.checksum_headers().items():
+            headers[name] = value
+        return web.Response(status=200, headers=headers)
+
+    async def _get(self, request: web.Request, t: Target, *, head: bool) -> web.StreamResponse:
+        assert t.bucket is not None and t.key is not None
+        query = _query_pass(t, _RESPONSE_OVERRIDES)
+        if head:
+            res = await self.objects.head_object(t.bucket, t.key, _cond(request), query)
+        else:
+            res = await self.objects.get_object(
+                t.bucket, t.key, request.headers.get("range"), _cond(request), query
+            )
+        _apply_overrides(res.headers, t)
+        if res.status == 304 or head:
+            resp = web.Response(status=res.status, headers=res.headers)
+            if res.status != 304:
+                resp.content_length = res.content_length
+            return resp
+        return await stream_result(request, res)
+
+
+_RESPONSE_OVERRIDES = (
+    "response-content-type",
+    "response-content-language",
+    "response-expires",
+    "response-cache-control",
+    "response-content-disposition",
+    "response-content-encoding",
+)
+
+
+def _has_unknown(t: Target, allowed: tuple[str, ...]) -> bool:
+    return any(k not in allowed and not k.startswith("X-Amz-") for k, _ in t.query)
+
+
+def _apply_overrides(headers: CIMultiDict[str], t: Target) -> None:
+    for name in _RESPONSE_OVERRIDES:
+        value = t.get(name)
+        if value is not None:
+            headers[name[len("response-") :]] = value
+
+
+async def stream_result(request: web.Request, res: GetResult) -> web.StreamResponse:
+    """Send a GET result; on an integrity failure mid-stream, cut the connection."""
+    resp = web.StreamResponse(status=res.status, headers=res.headers)
+    resp.content_length = res.content_length
+    assert res.body is not None
+    body = res.body
+    try:
+        first = await anext(body, None)  # errors before any byte go out as XML
+    except BaseException:
+        await body.aclose()
+        raise
+    await resp.prepare(request)
+    try:
+        if first is not None:
+            await resp.write(first)
+            async for chunk in body:
+                await resp.write(chunk)
+    except (IntegrityError, FormatError, S3Error) as exc:
+        log.warning("aborting response for %s: %s", request.path, type(exc).__name__)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    finally:
+        await body.aclose()
+    await resp.write_eof()
+    return resp
+
+
+def headers_of(mapping: Mapping[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict(mapping)
+
+
+__all__ = ["S3Handlers", "parse_error", "stream_result"]

@@ -1,0 +1,58 @@
+"""Which bucket and key a request names: path style and virtual-host style."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote
+
+from aiohttp import web
+
+from proxy.errors import S3Error
+
+RESERVED_PREFIX = ".cmek-proxy/"
+"""Keys under this prefix hold the proxy's own state in the backend; clients never see them."""
+
+
+@dataclass(frozen=True)
+class Target:
+    bucket: str | None
+    key: str | None
+    query: tuple[tuple[str, str], ...]
+
+    def has(self, name: str) -> bool:
+        return any(k == name for k, _ in self.query)
+
+    def get(self, name: str) -> str | None:
+        for k, v in self.query:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def resource(self) -> str:
+        if self.bucket is None:
+            return "/"
+        return f"/{self.bucket}" + (f"/{self.key}" if self.key is not None else "")
+
+
+def route(request: web.Request, virtual_host_domain: str | None) -> Target:
+    raw = request.raw_path
+    path, _, raw_query = raw.partition("?")
+    query = tuple(parse_qsl(raw_query, keep_blank_values=True))
+    host = (request.host or "").split(":")[0].lower()
+    bucket: str | None
+    key: str | None
+    if virtual_host_domain and host.endswith("." + virtual_host_domain.lower()):
+        bucket = host[: -len(virtual_host_domain) - 1]
+        key = unquote(path[1:]) if len(path) > 1 else None
+    else:
+        stripped = path[1:]
+        if not stripped:
+            bucket, key = None, None
+        else:
+            b, sep, k = stripped.partition("/")
+            bucket = unquote(b)
+            key = unquote(k) if sep and k != "" else None
+    if key is not None and key.startswith(RESERVED_PREFIX):
+        raise S3Error("AccessDenied", "this key prefix is reserved by cmek-proxy", 403)
+    return Target(bucket, key, query)
