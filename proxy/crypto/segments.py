@@ -64,9 +64,11 @@ class StreamEncryptor:
     """Encrypts one stream into stored segments.
 
     ``update`` takes plaintext in chunks of any size and returns zero or more whole stored
-    segments. At most one full plaintext segment is held back until it is known whether more
-    data follows, so that the stream's last segment carries FINAL; ``finalize`` returns that
-    last segment (an empty one if the stream is empty).
+    segments. One 8-byte random value is drawn per stream and written into every segment
+    header (the nonce is ``index || random``). At most one full plaintext segment is held
+    back until it is known whether more data follows, so that the stream's last segment
+    carries FINAL; ``finalize`` returns that last segment (an empty one if the stream is
+    empty).
 
     ``plaintext_bytes`` counts plaintext given to ``update``; ``stored_bytes`` counts stored bytes
     returned by ``update`` and ``finalize``.
@@ -77,7 +79,9 @@ class StreamEncryptor:
     ) -> None:
         self._aead = AESGCM(stream_key(object_key, part))
         self._part = part
-        self._random_bytes = random_bytes
+        self._random = random_bytes(RANDOM_SIZE)
+        if len(self._random) != RANDOM_SIZE:
+            raise ValueError(f"random_bytes must return {RANDOM_SIZE} bytes")
         self._index = 0
         self._held = bytearray()
         self._finalized = False
@@ -131,11 +135,8 @@ class StreamEncryptor:
     def _next_header(self, *, final: bool) -> bytes:
         if self._index > MAX_INDEX:
             raise ValueError("stream exceeds 2**32 segments")
-        random = self._random_bytes(RANDOM_SIZE)
-        if len(random) != RANDOM_SIZE:
-            raise ValueError(f"random_bytes must return {RANDOM_SIZE} bytes")
         header = _HEADER.pack(
-            FORMAT_VERSION, FLAG_FINAL if final else 0, self._part, self._index, random
+            FORMAT_VERSION, FLAG_FINAL if final else 0, self._part, self._index, self._random
         )
         self._index += 1
         return header
@@ -172,6 +173,7 @@ class StreamDecryptor:
         self._buf = bytearray()
         self._prev_part: int | None = None
         self._prev_index = 0
+        self._prev_random = b""
         self._prev_final = False
         self._failed = False
         self._finalized = False
@@ -249,7 +251,7 @@ class StreamDecryptor:
         number = self._next
         if number > self._last:
             raise IntegrityError("stored data continues after the last segment")
-        version, flags, part, index, _ = _HEADER.unpack_from(segment)
+        version, flags, part, index, random = _HEADER.unpack_from(segment)
         if version != FORMAT_VERSION:
             raise IntegrityError(f"segment {number}: unknown segment version {version}")
         if flags & ~FLAG_FINAL:
@@ -270,7 +272,10 @@ class StreamDecryptor:
             self._check_multipart_position(number, part, index, final)
         else:
             self._check_single_position(number, index, final)
+        if self._prev_part == part and random != self._prev_random:
+            raise IntegrityError(f"segment {number}: comes from another upload of part {part}")
         self._prev_part = part
+        self._prev_random = random
         self._prev_index = index
         self._prev_final = final
         self._next = number + 1
