@@ -134,7 +134,7 @@ def make(
     return svc, fakes, clock, events
 
 
-async def wrap_new(svc: KeyService, fakes: Fakes, uri: str, bucket: str) -> tuple[bytes, bytes]:
+def wrap_new(svc: KeyService, fakes: Fakes, uri: str, bucket: str) -> tuple[bytes, bytes]:
     """A wrapped key made directly in the fake's store (no call, nothing cached)."""
     fakes(uri)
     pt = os.urandom(32)
@@ -230,7 +230,7 @@ async def test_write_failure_reaches_all_waiters_and_is_not_cached() -> None:
 
 async def test_single_flight_reads_1000_cold_objects_one_call() -> None:
     svc, fakes, _, _ = make(delay=0.05)
-    pt, wrapped = await wrap_new(svc, fakes, URI, "b")
+    pt, wrapped = wrap_new(svc, fakes, URI, "b")
     results = await asyncio.gather(*(svc.unwrap(URI, wrapped, "b") for _ in range(1000)))
     assert fakes.keks[URI].calls["unwrap"] == 1
     assert all(r == pt for r in results)
@@ -242,7 +242,7 @@ async def test_single_flight_reads_1000_cold_objects_one_call() -> None:
 
 async def test_cancelled_waiter_does_not_cancel_the_shared_call() -> None:
     svc, fakes, _, _ = make(delay=0.05)
-    pt, wrapped = await wrap_new(svc, fakes, URI, "b")
+    pt, wrapped = wrap_new(svc, fakes, URI, "b")
     first = asyncio.create_task(svc.unwrap(URI, wrapped, "b"))
     others = [asyncio.create_task(svc.unwrap(URI, wrapped, "b")) for _ in range(10)]
     await asyncio.sleep(0)
@@ -255,7 +255,7 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_call() -> None:
 
 async def test_read_ttl_expiry() -> None:
     svc, fakes, clock, _ = make(ttl=10.0)
-    pt, wrapped = await wrap_new(svc, fakes, URI, "b")
+    pt, wrapped = wrap_new(svc, fakes, URI, "b")
     assert await svc.unwrap(URI, wrapped, "b") == pt
     clock.advance(9.0)
     assert await svc.unwrap(URI, wrapped, "b") == pt
@@ -267,7 +267,7 @@ async def test_read_ttl_expiry() -> None:
 
 async def test_capacity_bound() -> None:
     svc, fakes, _, _ = make(max_entries=3)
-    wrapped = [(await wrap_new(svc, fakes, URI, "b"))[1] for _ in range(5)]
+    wrapped = [(wrap_new(svc, fakes, URI, "b"))[1] for _ in range(5)]
     for w in wrapped:
         await svc.unwrap(URI, w, "b")
     assert len(svc._reads) == 3
@@ -287,10 +287,10 @@ async def test_capacity_bound() -> None:
 async def test_expired_entries_are_swept_on_insert() -> None:
     svc, fakes, clock, _ = make(ttl=5.0)
     for _ in range(20):
-        await svc.unwrap(URI, (await wrap_new(svc, fakes, URI, "b"))[1], "b")
+        await svc.unwrap(URI, (wrap_new(svc, fakes, URI, "b"))[1], "b")
     assert len(svc._reads) == 20
     clock.advance(5.0)
-    await svc.unwrap(URI, (await wrap_new(svc, fakes, URI, "b"))[1], "b")
+    await svc.unwrap(URI, (wrap_new(svc, fakes, URI, "b"))[1], "b")
     assert len(svc._reads) == 1
 
 
@@ -301,7 +301,7 @@ async def test_denial_drops_all_material_of_the_key_and_later_success_restores()
     svc, fakes, _, events = make()
     svc.register(URI)
     svc.register(URI_B)
-    wrapped = [await wrap_new(svc, fakes, URI, "b") for _ in range(3)]
+    wrapped = [wrap_new(svc, fakes, URI, "b") for _ in range(3)]
     for _, w in wrapped:
         await svc.unwrap(URI, w, "b")
     await svc.data_key_for_write(URI, "b")
@@ -311,7 +311,7 @@ async def test_denial_drops_all_material_of_the_key_and_later_success_restores()
 
     kek = fakes.keks[URI]
     kek.deny_all()
-    fresh = await wrap_new(svc, fakes, URI, "b")
+    fresh = wrap_new(svc, fakes, URI, "b")
     with pytest.raises(KeyUnavailableError) as ei:
         await svc.unwrap(URI, fresh[1], "b")
     assert ei.value.kind is DenialKind.DISABLED
@@ -342,7 +342,7 @@ async def test_denial_drops_all_material_of_the_key_and_later_success_restores()
 
 async def test_partial_denial_does_not_flap() -> None:
     svc, fakes, _, events = make()
-    _, w = await wrap_new(svc, fakes, URI, "b")
+    _, w = wrap_new(svc, fakes, URI, "b")
     fakes.keks[URI].deny = {"unwrap"}
     with pytest.raises(KeyUnavailableError):
         await svc.unwrap(URI, w, "b")
@@ -355,7 +355,7 @@ async def test_partial_denial_does_not_flap() -> None:
 
 async def test_call_in_flight_during_a_drop_is_not_cached() -> None:
     svc, fakes, _, _ = make(delay=0.05)
-    pt, w = await wrap_new(svc, fakes, URI, "b")
+    pt, w = wrap_new(svc, fakes, URI, "b")
     task = asyncio.create_task(svc.unwrap(URI, w, "b"))
     await asyncio.sleep(0.01)
     svc.drop_key(URI, "removed from configuration")
@@ -371,7 +371,7 @@ async def test_call_in_flight_during_a_drop_is_not_cached() -> None:
 async def test_outage_serves_from_cache_then_raises_after_expiry() -> None:
     svc, fakes, clock, events = make(ttl=60.0)
     svc.register(URI)
-    pt, w = await wrap_new(svc, fakes, URI, "b")
+    pt, w = wrap_new(svc, fakes, URI, "b")
     await svc.unwrap(URI, w, "b")
     dk = await svc.data_key_for_write(URI, "b")
     kek = fakes.keks[URI]
@@ -379,7 +379,7 @@ async def test_outage_serves_from_cache_then_raises_after_expiry() -> None:
 
     # a miss fails, but does not drop anything
     with pytest.raises(KmsUnreachableError):
-        await svc.unwrap(URI, (await wrap_new(svc, fakes, URI, "b"))[1], "b")
+        await svc.unwrap(URI, (wrap_new(svc, fakes, URI, "b"))[1], "b")
     assert [e.kind for e in events] == ["unreachable"]
     assert svc.status()[URI].state == "unreachable"
     clock.advance(59.0)
@@ -654,12 +654,12 @@ async def test_breaker_opens_fails_fast_and_half_opens() -> None:
     fn.gate = asyncio.Event()
     trial = asyncio.create_task(br.call(fn))
     await asyncio.sleep(0)
-    assert br.state is BreakerState.HALF_OPEN
+    assert br.state.value == "half_open"
     with pytest.raises(KmsUnreachableError, match="trial"):
         await br.call(fn)  # only one trial at a time
     fn.gate.set()
     assert await trial == "ok"
-    assert br.state is BreakerState.CLOSED and br.consecutive_failures == 0
+    assert br.state.value == "closed" and br.consecutive_failures == 0
 
 
 async def test_breaker_denials_are_answers_not_failures() -> None:
