@@ -136,6 +136,13 @@ def test_envelope_round_trip() -> None:
     assert from_metadata(meta) == with_ck
 
 
+def test_empty_kek_version_is_omitted() -> None:
+    env = Envelope(**{**ENV.__dict__, "kek_version": ""})
+    meta = to_metadata(env)
+    assert M_KEK_VERSION not in meta
+    assert from_metadata(meta) == env
+
+
 def test_envelope_repr_hides_key_material() -> None:
     text = repr(ENV)
     assert ENV.wrapped_data_key.hex() not in text and "sealed_object_key" not in text
@@ -163,7 +170,7 @@ def test_padded_base64_accepted() -> None:
 def _garbled() -> list[tuple[str, dict[str, str]]]:
     good = to_metadata(ENV)
     cases: list[tuple[str, dict[str, str]]] = []
-    for name in (M_VERSION, M_KEK, M_KEK_VERSION, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT):
+    for name in (M_VERSION, M_KEK, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT):
         cases.append((f"missing {name}", {k: v for k, v in good.items() if k != name}))
     changes = {
         "version 2": (M_VERSION, "2"),

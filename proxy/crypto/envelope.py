@@ -28,8 +28,8 @@ M_CHECKSUM = "x-amz-meta-cmek-ck"
 LAYOUT_SINGLE = "s"
 LAYOUT_MULTIPART = "m"
 
-_REQUIRED = (M_VERSION, M_KEK, M_KEK_VERSION, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT)
-_KNOWN = frozenset((*_REQUIRED, M_CHECKSUM))
+_REQUIRED = (M_VERSION, M_KEK, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT)
+_KNOWN = frozenset((*_REQUIRED, M_KEK_VERSION, M_CHECKSUM))
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,12 @@ def to_metadata(env: Envelope) -> dict[str, str]:
     meta = {
         M_VERSION: str(FORMAT_VERSION),
         M_KEK: env.kek_uri,
-        M_KEK_VERSION: env.kek_version,
         M_DATA_KEY: _b64encode(env.wrapped_data_key),
         M_OBJECT_KEY: _b64encode(env.sealed_object_key),
         M_LAYOUT: LAYOUT_MULTIPART if env.multipart else LAYOUT_SINGLE,
     }
+    if env.kek_version:  # omitted when empty: some backends drop empty metadata values
+        meta[M_KEK_VERSION] = env.kek_version
     if env.checksum is not None:
         _check_text("checksum", env.checksum, allow_empty=False)
         meta[M_CHECKSUM] = env.checksum
@@ -130,7 +131,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
     checksum = found.get(M_CHECKSUM)
     return Envelope(
         kek_uri=found[M_KEK],
-        kek_version=found[M_KEK_VERSION],
+        kek_version=found.get(M_KEK_VERSION, ""),
         wrapped_data_key=wrapped,
         sealed_object_key=sealed,
         multipart=layout == LAYOUT_MULTIPART,
