@@ -153,14 +153,15 @@ class AzureKek:
     def _map(self, op: str, exc: Exception) -> Exception:
         if isinstance(exc, ServiceRequestError | ServiceResponseError):
             return KmsUnreachableError(
-                f"{PROVIDER} key {self._uri}: {op}: {exc.__class__.__name__}: {exc.message}",
+                f"{PROVIDER} key {self._uri}: {op}: {exc.__class__.__name__}: {exc}",
                 key_uri=self._uri,
                 provider=PROVIDER,
             )
         assert isinstance(exc, HttpResponseError)
         status = int(exc.status_code or 0)
         codes = _error_codes(exc)
-        msg = f"{op}: HTTP {status} {'/'.join(sorted(codes))}: {exc.message}"
+        first = str(exc.message or "").strip().splitlines()
+        msg = f"{op}: HTTP {status} {'/'.join(sorted(codes))}: {first[0] if first else ''}"
         if status in (408, 429) or status >= 500:
             return KmsUnreachableError(
                 f"{PROVIDER} key {self._uri}: {msg}", key_uri=self._uri, provider=PROVIDER
