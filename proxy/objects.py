@@ -54,6 +54,15 @@ PUT_PASS_HEADERS: Final = frozenset(
         "if-match",
     }
 )
+# Checksums of a stored plaintext object: valid for full-object reads only.
+CHECKSUM_HEADERS: Final = (
+    "x-amz-checksum-crc32",
+    "x-amz-checksum-crc32c",
+    "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1",
+    "x-amz-checksum-sha256",
+    "x-amz-checksum-type",
+)
 # Response headers passed back from the backend as stored.
 GET_PASS_HEADERS: Final = frozenset(
     {
@@ -297,6 +306,8 @@ class ObjectLayer:
         env = self._envelope(resp.headers)
         size = int(resp.headers.get("content-length", "0"))
         headers = self._response_headers(resp.headers, env)
+        if resp.status == 304 or check_preconditions(cond, headers) == 304:
+            return GetResult(304, headers, None, 0)
         if env is not None:
             size = self._plaintext_size(size)
         elif self.policy.strict and self.policy.may_be_encrypted(bucket, key):
@@ -346,12 +357,19 @@ class ObjectLayer:
             if resp.status == 304:
                 return GetResult(304, self._response_headers(resp.headers, None), None, 0)
             if resp.status == 416 and rng is not None:
-                # The stored range starts past the end: learn the real size and say so.
-                return await self._range_not_satisfiable(bucket, key, query)
+                # Some backends refuse a suffix longer than the object, and a stored range
+                # can start past the end: learn the size, then answer or ask precisely.
+                concrete = await self._concrete_range(bucket, key, rng, query, guess_encrypted)
+                resp.release()
+                return await self._get(
+                    bucket, key, concrete, cond, query, guess_encrypted=guess_encrypted
+                )
             if resp.status not in (200, 206):
                 raise parse_error(resp.status, await resp.read())
             env = self._envelope(resp.headers)
-            if rng is not None and resp.status == 206 and (env is not None) != guess_encrypted:
+            if check_preconditions(cond, self._response_headers(resp.headers, env)) == 304:
+                return GetResult(304, self._response_headers(resp.headers, env), None, 0)
+            if rng is not None and _is_partial(resp) and (env is not None) != guess_encrypted:
                 return None
             if env is None:
                 result = self._plaintext_result(bucket, key, resp, rng)
@@ -363,14 +381,23 @@ class ObjectLayer:
             if not keep_open:
                 resp.release()
 
-    async def _range_not_satisfiable(
-        self, bucket: str, key: str, query: tuple[tuple[str, str], ...]
-    ) -> GetResult:
+    async def _concrete_range(
+        self,
+        bucket: str,
+        key: str,
+        rng: ClientRange,
+        query: tuple[tuple[str, str], ...],
+        guess_encrypted: bool,
+    ) -> ClientRange:
+        """The client's range as first-last for the object's real size, or InvalidRange."""
         head, _ = await self.backend.call("HEAD", bucket, key, query=query)
         size = int(head.headers.get("content-length", "0"))
         if self._envelope(head.headers) is not None:
             size = self._plaintext_size(size)
-        raise invalid_range(size)
+        start, end = rng.resolve(size)
+        if rng.first is not None and rng.last is not None and (start, end) == (rng.first, rng.last):
+            raise invalid_range(size)  # already concrete: the backend's 416 stands
+        return ClientRange(start, end)
 
     def _plaintext_result(
         self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
@@ -380,16 +407,21 @@ class ObjectLayer:
             raise _strict_refusal()
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
         headers = self._response_headers(resp.headers, None)
-        for h in ("x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
-                  "x-amz-checksum-sha1", "x-amz-checksum-sha256", "x-amz-checksum-type",
-                  "etag", SSE_HEADER, SSE_KEY_HEADER):
+        passed = (
+            (SSE_HEADER, SSE_KEY_HEADER)
+            if rng is not None
+            else (*CHECKSUM_HEADERS, SSE_HEADER, SSE_KEY_HEADER)
+        )
+        for h in passed:
             if h in resp.headers:
                 headers[h] = resp.headers[h]
-        if resp.status == 206 or rng is None:
+        if _is_partial(resp) or rng is None:
             length = int(resp.headers.get("content-length", "0"))
-            if resp.status == 206 and "content-range" in resp.headers:
+            status = 200
+            if _is_partial(resp) and rng is not None:
                 headers["content-range"] = resp.headers["content-range"]
-            return GetResult(resp.status, headers, _iter_body(resp, length), length)
+                status = 206
+            return GetResult(status, headers, _iter_body(resp, length), length)
         # The backend ignored Range (answered 200 with the whole object).
         total = int(resp.headers.get("content-length", "0"))
         start, end = rng.resolve(total)
@@ -543,6 +575,58 @@ def _strict_refusal() -> S3Error:
     )
 
 
+def _etag_matches(header: str, etag: str | None) -> bool:
+    if etag is None:
+        return False
+    core = etag.strip().removeprefix("W/").strip('"')
+    for item in header.split(","):
+        v = item.strip()
+        if v == "*" or v.removeprefix("W/").strip('"') == core:
+            return True
+    return False
+
+
+def _http_time(value: str) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def check_preconditions(cond: Mapping[str, str], headers: Mapping[str, str]) -> int | None:
+    """Evaluate conditional headers as S3 does; 304, or None. 412 raises PreconditionFailed.
+
+    The backend is asked too, but not every backend enforces them (rclone does not), and the
+    proxy must behave as S3 whatever the backend.
+    """
+    etag = headers.get("etag")
+    modified = _http_time(headers.get("last-modified", ""))
+    if "if-match" in cond:
+        if not _etag_matches(cond["if-match"], etag):
+            raise precondition_failed("If-Match")
+    elif "if-unmodified-since" in cond:
+        since = _http_time(cond["if-unmodified-since"])
+        if since is not None and modified is not None and modified > since:
+            raise precondition_failed("If-Unmodified-Since")
+    if "if-none-match" in cond:
+        if _etag_matches(cond["if-none-match"], etag):
+            return 304
+    elif "if-modified-since" in cond:
+        since = _http_time(cond["if-modified-since"])
+        if since is not None and modified is not None and modified <= since:
+            return 304
+    return None
+
+
+def precondition_failed(condition: str) -> S3Error:
+    return S3Error(
+        "PreconditionFailed",
+        "At least one of the pre-conditions you specified did not hold",
+        412,
+        extra={"Condition": condition},
+    )
+
+
 def _backend_conditions(cond: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name in ("if-match", "if-none-match"):
@@ -554,9 +638,14 @@ def _backend_conditions(cond: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _is_partial(resp: aiohttp.ClientResponse) -> bool:
+    """Whether the backend sent a byte range (rclone answers ranges with 200 + Content-Range)."""
+    return resp.status == 206 or "content-range" in resp.headers
+
+
 def _stored_extent(resp: aiohttp.ClientResponse) -> tuple[int, int]:
     """(total stored size, offset of the first byte in this response)."""
-    if resp.status == 206:
+    if _is_partial(resp):
         cr = resp.headers.get("content-range", "")
         try:
             unit_range, _, total_s = cr.partition("/")

@@ -190,11 +190,14 @@ class S3Handlers:
                 t.bucket, t.key, request.headers.get("range"), _cond(request), query
             )
         _apply_overrides(res.headers, t)
-        if res.status == 304 or head:
-            resp = web.Response(status=res.status, headers=res.headers)
-            if res.status != 304:
-                resp.content_length = res.content_length
-            return resp
+        if res.status == 304:
+            return web.Response(status=304, headers=res.headers)
+        if head:
+            head_resp = web.StreamResponse(status=res.status, headers=res.headers)
+            head_resp.content_length = res.content_length
+            await head_resp.prepare(request)
+            await head_resp.write_eof()
+            return head_resp
         return await stream_result(request, res)
 
 
