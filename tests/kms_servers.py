@@ -12,7 +12,8 @@ Fixtures and what they yield:
     ``.session()`` (an aiobotocore session with the fake credentials).
 ``aws_front`` (function)  ``ErrorFront``: an aiohttp HTTP front forwarding to
     moto that answers chosen KMS operations with real AWS JSON errors
-    (``.inject(op, error_type, status, times)``) and counts calls per operation
+    (``.inject(op, error_type, status, times)``), can hold calls
+    (``.inject_hang(op, seconds, times)``) and counts calls per operation
     (``.calls["Decrypt"]``); ``.endpoint_url`` is what the client should use.
 ``openbao`` (session)  ``OpenBaoServer``: ``bao server -dev`` with Transit mounted at
     ``transit``.  ``.addr``, ``.host`` (``host:port``), ``.root_token``,
@@ -37,6 +38,7 @@ loop and stopped by their own PID (terminate, wait, kill).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -198,6 +200,7 @@ class ErrorFront:
         self.upstream = upstream
         self.calls: Counter[str] = Counter()
         self._rules: dict[str, list[tuple[int, dict[str, Any], str]]] = {}
+        self._hangs: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self._thread = LoopThread("kms-error-front")
         self._runner: web.AppRunner | None = None
@@ -231,9 +234,15 @@ class ErrorFront:
         with self._lock:
             self._rules.setdefault(op, []).extend([(status, payload, content_type)] * times)
 
+    def inject_hang(self, op: str, seconds: float, times: int = 1) -> None:
+        """Hold the next ``times`` calls of ``op`` for ``seconds`` before forwarding them."""
+        with self._lock:
+            self._hangs.setdefault(op, []).extend([seconds] * times)
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
+            self._hangs.clear()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = request.headers.get("X-Amz-Target", "")
@@ -243,6 +252,10 @@ class ErrorFront:
             self.calls[op] += 1
             rules = self._rules.get(op)
             rule = rules.pop(0) if rules else None
+            hangs = self._hangs.get(op)
+            hang = hangs.pop(0) if hangs else 0.0
+        if hang:
+            await asyncio.sleep(hang)
         if rule is not None:
             status, payload, content_type = rule
             return web.json_response(payload, status=status, content_type=content_type)

@@ -175,6 +175,21 @@ async def test_aws_outage_exhausts_retries(
     assert aws_front.calls["GenerateDataKey"] == ATTEMPTS
 
 
+async def test_aws_hung_kms_times_out(moto_server: MotoServer, aws_front: ErrorFront) -> None:
+    policy = RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.005, timeout=0.3)
+    client = AwsKmsClient(
+        session=moto_server.session(), endpoint_url=aws_front.endpoint_url, retry=policy
+    )
+    try:
+        kek = client.get_kek("aws-kms://" + moto_server.create_key())
+        aws_front.inject_hang("GenerateDataKey", 5.0, times=2)
+        with pytest.raises(KmsUnreachableError):
+            await kek.generate_data_key(CTX)
+        assert aws_front.calls["GenerateDataKey"] == 2
+    finally:
+        await client.close()
+
+
 async def test_aws_connection_refused_is_unreachable(moto_server: MotoServer) -> None:
     client = AwsKmsClient(
         session=moto_server.session(),

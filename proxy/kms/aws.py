@@ -36,6 +36,7 @@ any 5xx, timeouts, connection errors -> unreachable (retried).  Other client err
 
 from __future__ import annotations
 
+import asyncio
 import re
 from contextlib import AsyncExitStack
 from typing import Any
@@ -223,22 +224,25 @@ class AwsKmsClient:
         )
         self._stack = AsyncExitStack()
         self._clients: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
 
     async def client_for(self, region: str) -> Any:
         """The SDK client for ``region``, created on first use and kept until ``close``."""
         client = self._clients.get(region)
-        if client is None:
-            client = await self._stack.enter_async_context(
-                self._session.create_client(
-                    "kms",
-                    region_name=region,
-                    endpoint_url=self._endpoint_url,
-                    config=self._config,
+        if client is not None:
+            return client
+        async with self._lock:
+            client = self._clients.get(region)
+            if client is None:
+                client = await self._stack.enter_async_context(
+                    self._session.create_client(
+                        "kms",
+                        region_name=region,
+                        endpoint_url=self._endpoint_url,
+                        config=self._config,
+                    )
                 )
-            )
-            existing = self._clients.setdefault(region, client)
-            if existing is not client:
-                return existing
+                self._clients[region] = client
         return client
 
     def does_support(self, key_uri: str) -> bool:

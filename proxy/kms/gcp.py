@@ -42,6 +42,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import kms_v1
 
 from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
@@ -224,9 +225,15 @@ class GcpKmsClient:
 
     async def sdk_client(self) -> kms_v1.KeyManagementServiceAsyncClient:
         if self._client is None:
-            self._client = kms_v1.KeyManagementServiceAsyncClient(
-                client_options=self._client_options
-            )
+            try:
+                self._client = kms_v1.KeyManagementServiceAsyncClient(
+                    client_options=self._client_options
+                )
+            except DefaultCredentialsError as exc:
+                raise KeyConfigError(
+                    f"{PROVIDER}: no Google credentials (Application Default Credentials): {exc}",
+                    provider=PROVIDER,
+                ) from exc
         return self._client
 
     def does_support(self, key_uri: str) -> bool:
