@@ -18,15 +18,22 @@ def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         status = keys.status()
+        # Not ready when a key is revoked (denied) or was never reachable; a KMS that
+        # stopped answering leaves the proxy ready while cached keys still serve.
         unavailable = {
-            uri: {"reason": s.reason, "since": s.since}
+            uri: {"state": s.state, "reason": s.reason}
             for uri, s in status.items()
-            if not s.available
+            if s.state in ("revoked", "unknown")
         }
         body = {
             "ready": not unavailable,
             "keys": {
-                uri: {"available": s.available, "reason": s.reason, "since": s.since}
+                uri: {
+                    "available": s.available,
+                    "state": s.state,
+                    "reason": s.reason,
+                    "since": s.since,
+                }
                 for uri, s in status.items()
             },
         }

@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError
+from proxy.errors import DenialKind, IntegrityError, KeyConfigError, KeyUnavailableError
 from proxy.kms.base import DataKey, Kek, WrappedKey, Context, generate_by_wrapping
 
 PREFIX = "local://"
@@ -138,12 +138,9 @@ class LocalKek:
     async def unwrap(self, wrapped: bytes, context: Context) -> bytes:
         kf = self._load()
         if not wrapped.startswith(_BLOB_MAGIC) or len(wrapped) < 4:
-            raise KeyUnavailableError(
-                "wrapped key is not a local:// blob",
-                kind=DenialKind.INVALID_STATE,
-                key_uri=self._uri,
-                provider=self.provider,
-            )
+            # The stored envelope is damaged: an integrity failure of one object, not a
+            # denial of the key (which would drop every cached key and mark it revoked).
+            raise IntegrityError("wrapped data key is not a local:// blob")
         n = wrapped[3]
         kid = wrapped[4 : 4 + n].decode(errors="replace")
         nonce = wrapped[4 + n : 16 + n]
@@ -159,11 +156,8 @@ class LocalKek:
         try:
             return AESGCM(key).decrypt(nonce, ct, context_aad(context))
         except InvalidTag as exc:
-            raise KeyUnavailableError(
-                "wrapped key does not open under this key (wrong key or context)",
-                kind=DenialKind.INVALID_STATE,
-                key_uri=self._uri,
-                provider=self.provider,
+            raise IntegrityError(
+                "wrapped data key does not open under this key and context"
             ) from exc
 
     async def generate_data_key(self, context: Context) -> DataKey:
