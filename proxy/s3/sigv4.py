@@ -74,6 +74,7 @@ UNSIGNED_HEADERS = frozenset(
 )
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-_.~=&]*")
 _SIG_HEX = re.compile(r"[0-9a-f]{64}")
 _SCOPE_DATE = re.compile(r"\d{8}")
 _AMZ_DATE = re.compile(r"\d{8}T\d{6}Z")
@@ -302,6 +303,24 @@ def canonical_query_string(pairs: list[tuple[str, str]], *, exclude: str | None 
     return "&".join(f"{name}={value}" for name, value in encoded)
 
 
+def _canonical_query(raw_query: str, *, exclude: str | None = None) -> str:
+    """Canonical query string straight from the raw query.
+
+    Fast path: a query made only of unreserved characters, ``=`` and ``&`` decodes
+    and re-encodes to itself, so it only needs sorting.
+    """
+    if not raw_query:
+        return ""
+    if _PLAIN_QUERY.fullmatch(raw_query):
+        pairs = sorted(
+            (name, value)
+            for name, _, value in (part.partition("=") for part in raw_query.split("&") if part)
+            if name != exclude
+        )
+        return "&".join(f"{name}={value}" for name, value in pairs)
+    return canonical_query_string(parse_query(raw_query), exclude=exclude)
+
+
 def _header_value(headers: Mapping[str, str], name: str) -> str:
     if isinstance(headers, CIMultiDictProxy | CIMultiDict):
         values = headers.getall(name, [])
@@ -347,7 +366,7 @@ def canonical_request(
     return _canonical(
         method,
         path,
-        canonical_query_string(parse_query(query)),
+        _canonical_query(query),
         headers,
         signed_headers,
         payload_hash,
@@ -457,7 +476,15 @@ def _parse_amz_date(value: str) -> datetime | None:
     if not _AMZ_DATE.fullmatch(value):
         return None
     try:
-        return datetime.strptime(value, AMZ_DATE_FORMAT).replace(tzinfo=UTC)
+        return datetime(
+            int(value[0:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[9:11]),
+            int(value[11:13]),
+            int(value[13:15]),
+            tzinfo=UTC,
+        )
     except ValueError:
         return None
 
@@ -485,6 +512,8 @@ def _request_time(headers: Mapping[str, str], signed: tuple[str, ...]) -> tuple[
         )
     if name not in signed:
         raise _headers_not_signed([name])
+    if raw is not None and name == "x-amz-date":
+        return raw.strip(), when
     when = when.astimezone(UTC)
     return when.strftime(AMZ_DATE_FORMAT), when
 
@@ -599,7 +628,7 @@ def verify_header_auth(
     canonical = _canonical(
         request.method,
         request.raw_path,
-        canonical_query_string(parse_query(request.raw_query)),
+        _canonical_query(request.raw_query),
         headers,
         auth.signed_headers,
         payload_hash,
@@ -820,7 +849,7 @@ def sign_headers(
     canonical = _canonical(
         method,
         split.path,
-        canonical_query_string(parse_query(split.query)),
+        _canonical_query(split.query),
         lowered,
         signed,
         payload_hash,
