@@ -17,6 +17,8 @@ from aiohttp import web
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials as BotoCredentials
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import S3Error
@@ -26,8 +28,11 @@ from proxy.s3.sigv4 import (
     RequestView,
     SigningKeyCache,
     VerifiedAuth,
+    _canonical_query,
+    canonical_query_string,
     canonical_request,
     parse_authorization,
+    parse_query,
     sign_headers,
     signing_key,
     verify_header_auth,
@@ -729,3 +734,21 @@ async def test_real_boto3_client_requests_verify(verifying_server: tuple[str, Se
     assert not errors, [(e.code, e.message) for e in errors]
     modes = {r.payload_mode for r in seen.results if isinstance(r, VerifiedAuth)}
     assert PayloadMode.STREAMING_UNSIGNED_TRAILER in modes or PayloadMode.SHA256 in modes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet="abcXYZ09-_.~%+ =&/ü", max_size=6),
+            st.text(alphabet="abcXYZ09-_.~%+ =&/ü", max_size=6),
+        ),
+        max_size=5,
+    )
+)
+def test_query_fast_path_matches_general_path(pairs: list[tuple[str, str]]) -> None:
+    for raw in (
+        "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in pairs),
+        "&".join(f"{k}={v}" for k, v in pairs if "&" not in k + v),
+    ):
+        assert _canonical_query(raw) == canonical_query_string(parse_query(raw))

@@ -306,18 +306,18 @@ def canonical_query_string(pairs: list[tuple[str, str]], *, exclude: str | None 
 def _canonical_query(raw_query: str, *, exclude: str | None = None) -> str:
     """Canonical query string straight from the raw query.
 
-    Fast path: a query made only of unreserved characters, ``=`` and ``&`` decodes
-    and re-encodes to itself, so it only needs sorting.
+    Fast path: a query made only of unreserved characters, ``&`` and one ``=`` per
+    pair decodes and re-encodes to itself, so it only needs sorting.
     """
     if not raw_query:
         return ""
     if _PLAIN_QUERY.fullmatch(raw_query):
-        pairs = sorted(
-            (name, value)
-            for name, _, value in (part.partition("=") for part in raw_query.split("&") if part)
-            if name != exclude
-        )
-        return "&".join(f"{name}={value}" for name, value in pairs)
+        pairs = [part.partition("=") for part in raw_query.split("&") if part]
+        if not any("=" in value for _, _, value in pairs):
+            return "&".join(
+                f"{name}={value}"
+                for name, value in sorted((n, v) for n, _, v in pairs if n != exclude)
+            )
     return canonical_query_string(parse_query(raw_query), exclude=exclude)
 
 
