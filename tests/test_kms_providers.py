@@ -1,6 +1,7 @@
 """The four cloud KMS providers against real servers (moto, OpenBao) and protocol fakes.
 
-For each provider: generate -> unwrap round trip; a different context fails;
+For each provider: generate -> unwrap round trip; a different context fails with
+``IntegrityError`` (a moved or damaged object is not a denial of the key);
 rotation keeps old wrapped keys opening; each denial maps to its ``DenialKind`` and
 is not retried; transient failures are retried; a lasting outage raises
 ``KmsUnreachableError`` after the retry budget.
@@ -14,7 +15,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
+from proxy.errors import (
+    DenialKind,
+    IntegrityError,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsUnreachableError,
+)
 from proxy.kms.aws import AwsKmsClient
 from proxy.kms.azure import AzureKmsClient
 from proxy.kms.base import DATA_KEY_BYTES, RetryPolicy
@@ -100,10 +107,9 @@ async def test_aws_alias_round_trip(moto_server: MotoServer, aws_direct: AwsKmsC
 async def test_aws_other_context_fails(moto_server: MotoServer, aws_direct: AwsKmsClient) -> None:
     kek = aws_direct.get_kek("aws-kms://" + moto_server.create_key())
     dk = await kek.generate_data_key(CTX)
-    with pytest.raises(KeyUnavailableError) as ei:
+    with pytest.raises(IntegrityError) as ei:
         await kek.unwrap(dk.wrapped, OTHER_CTX)
-    assert ei.value.kind is DenialKind.INVALID_STATE
-    assert ei.value.key_uri == kek.uri and ei.value.provider == "aws-kms"
+    assert kek.uri in str(ei.value) and "InvalidCiphertextException" in str(ei.value)
 
 
 async def test_aws_rotation_keeps_old_blobs(
@@ -135,7 +141,6 @@ async def test_aws_missing_key_is_invalid_state(
         ("KMSInvalidStateException", DenialKind.INVALID_STATE),
         ("NotFoundException", DenialKind.INVALID_STATE),
         ("AccessDeniedException", DenialKind.ACCESS_DENIED),
-        ("InvalidCiphertextException", DenialKind.INVALID_STATE),
     ],
 )
 async def test_aws_denials_not_retried(
@@ -152,6 +157,18 @@ async def test_aws_denials_not_retried(
         await kek.unwrap(dk.wrapped, CTX)
     assert ei.value.kind is kind
     assert error_type in str(ei.value) and kek.uri in str(ei.value)
+    assert ei.value.key_uri == kek.uri and ei.value.provider == "aws-kms"
+    assert aws_front.calls["Decrypt"] == 1
+
+
+async def test_aws_invalid_ciphertext_not_retried(
+    moto_server: MotoServer, aws_front: ErrorFront, aws_fronted: AwsKmsClient
+) -> None:
+    kek = aws_fronted.get_kek("aws-kms://" + moto_server.create_key())
+    dk = await kek.generate_data_key(CTX)
+    aws_front.inject("Decrypt", "InvalidCiphertextException", times=5)
+    with pytest.raises(IntegrityError):
+        await kek.unwrap(dk.wrapped, CTX)
     assert aws_front.calls["Decrypt"] == 1
 
 
@@ -248,9 +265,10 @@ async def test_gcp_round_trip(gcp_kms: FakeGcpKms, gcp: GcpKmsClient) -> None:
 async def test_gcp_other_context_fails(gcp: GcpKmsClient) -> None:
     kek = gcp.get_kek("gcp-kms://" + GCP_KEY)
     dk = await kek.generate_data_key(CTX)
-    with pytest.raises(KeyUnavailableError) as ei:
+    with pytest.raises(IntegrityError):
         await kek.unwrap(dk.wrapped, OTHER_CTX)
-    assert ei.value.kind is DenialKind.INVALID_STATE
+    with pytest.raises(IntegrityError):
+        await kek.unwrap(dk.wrapped[:-1] + bytes([dk.wrapped[-1] ^ 1]), CTX)
 
 
 async def test_gcp_rotation(gcp_kms: FakeGcpKms, gcp: GcpKmsClient) -> None:
@@ -404,12 +422,13 @@ async def test_azure_other_context_fails(azure_kv: FakeKeyVault, azure: AzureKms
     azure_kv.create_key("cmek")
     kek = azure.get_kek(f"azure-kv://{azure_kv.host}/keys/cmek")
     dk = await kek.generate_data_key(CTX)
-    with pytest.raises(KeyUnavailableError) as ei:
+    with pytest.raises(IntegrityError):
         await kek.unwrap(dk.wrapped, OTHER_CTX)
-    assert ei.value.kind is DenialKind.INVALID_STATE
     tampered = dk.wrapped[:-1] + bytes([dk.wrapped[-1] ^ 1])
-    with pytest.raises(KeyUnavailableError):
+    with pytest.raises(IntegrityError):
         await kek.unwrap(tampered, CTX)
+    with pytest.raises(IntegrityError):
+        await kek.unwrap(b"AKV1" + b"\x00" * 10, CTX)
 
 
 async def test_azure_rotation(azure_kv: FakeKeyVault, azure: AzureKmsClient) -> None:
@@ -525,9 +544,10 @@ async def test_vault_round_trip(openbao: OpenBaoServer, bao_key: tuple[str, str]
         assert await kek.unwrap(dk.wrapped, CTX) == dk.plaintext
         w = await kek.wrap(b"y" * 32, CTX)
         assert await kek.unwrap(w.wrapped, CTX) == b"y" * 32
-        with pytest.raises(KeyUnavailableError) as ei:
+        with pytest.raises(IntegrityError):
             await kek.unwrap(dk.wrapped, OTHER_CTX)
-        assert ei.value.kind is DenialKind.INVALID_STATE
+        with pytest.raises(IntegrityError):
+            await kek.unwrap(b"not-a-transit-ciphertext", CTX)
     finally:
         await client.close()
 

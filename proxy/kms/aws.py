@@ -27,8 +27,10 @@ IAM the customer must grant the proxy's principal on the key (key policy or IAM)
 policy).  Conditions on ``kms:EncryptionContext:bucket`` can pin buckets.
 
 Error mapping: ``DisabledException`` -> ``DISABLED``; ``KMSInvalidStateException``,
-``NotFoundException``, ``InvalidCiphertextException``, ``IncorrectKeyException`` ->
-``INVALID_STATE``; ``AccessDeniedException`` -> ``ACCESS_DENIED``; throttling,
+``NotFoundException`` -> ``INVALID_STATE``; ``AccessDeniedException`` ->
+``ACCESS_DENIED``; ``InvalidCiphertextException``, ``IncorrectKeyException`` (the
+wrapped key does not open under this key and context: one damaged or moved object,
+not a denial of the key) -> ``IntegrityError``; throttling,
 ``KMSInternalException``, ``KeyUnavailableException``, ``DependencyTimeoutException``,
 any 5xx, timeouts, connection errors -> unreachable (retried).  Other client errors
 -> ``KeyConfigError``.
@@ -52,7 +54,13 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
+from proxy.errors import (
+    DenialKind,
+    IntegrityError,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsUnreachableError,
+)
 from proxy.kms.base import (
     DATA_KEY_BYTES,
     Context,
@@ -75,10 +83,9 @@ _DENIALS: dict[str, DenialKind] = {
     "DisabledException": DenialKind.DISABLED,
     "KMSInvalidStateException": DenialKind.INVALID_STATE,
     "NotFoundException": DenialKind.INVALID_STATE,
-    "InvalidCiphertextException": DenialKind.INVALID_STATE,
-    "IncorrectKeyException": DenialKind.INVALID_STATE,
     "AccessDeniedException": DenialKind.ACCESS_DENIED,
 }
+_INTEGRITY = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
 _TRANSIENT = frozenset(
     {
         "ThrottlingException",
@@ -126,6 +133,8 @@ class AwsKek:
             kind = _DENIALS.get(code)
             if kind is not None:
                 return KeyUnavailableError(text, kind=kind, key_uri=self._uri, provider=PROVIDER)
+            if code in _INTEGRITY:
+                return IntegrityError(text)
             if code in _TRANSIENT or status >= 500 or status == 429:
                 return KmsUnreachableError(text, key_uri=self._uri, provider=PROVIDER)
             return KeyConfigError(text, key_uri=self._uri, provider=PROVIDER)
@@ -138,8 +147,11 @@ class AwsKek:
         )
 
     async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        # made before the retry loop: building the SDK client is local work that should
+        # not eat into (or be cancelled by) the per-attempt timeout
+        client = await self._owner.client_for(self._region)
+
         async def once() -> dict[str, Any]:
-            client = await self._owner.client_for(self._region)
             try:
                 resp: dict[str, Any] = await getattr(client, op)(**kwargs)
             except (

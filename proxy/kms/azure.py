@@ -20,7 +20,8 @@ derivation: to wrap ``plaintext`` under context ``c``,
 The wrapped blob is ``"AKV1" | len(version) | version | len(W) (2 bytes) | W | nonce | E``.
 Unwrap asks the vault for ``s``, re-derives ``K`` from the context it is given and
 opens ``E``: a blob moved to another bucket derives another ``K`` and fails with
-``KeyUnavailableError(INVALID_STATE)``.  ``canon`` is ``proxy.kms.local.context_aad``.
+``IntegrityError`` (one damaged or moved object, not a denial of the key).
+``canon`` is ``proxy.kms.local.context_aad``.
 The key version reported is the full key id (``https://<vault>/keys/<name>/<version>``).
 
 Credentials: an ``azure.core.credentials_async.AsyncTokenCredential`` passed in
@@ -36,7 +37,8 @@ The key must be RSA (2048 bits or more) with ``wrapKey``/``unwrapKey`` operation
 
 Error mapping: 403 with inner code ``KeyDisabled`` / "disabled key", or a key whose
 ``enabled`` is false -> ``DISABLED``; other 403 and 401 -> ``ACCESS_DENIED``;
-404 (``KeyNotFound``) and a blob that does not open -> ``INVALID_STATE``; 408, 429,
+404 (``KeyNotFound``) -> ``INVALID_STATE``; a blob that does not parse or open, or
+an RSA unwrap the vault rejects as undecryptable (400) -> ``IntegrityError``; 408, 429,
 5xx, timeouts and connection errors -> unreachable (retried); other 4xx ->
 ``KeyConfigError``.
 """
@@ -64,7 +66,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
+from proxy.errors import (
+    DenialKind,
+    IntegrityError,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsUnreachableError,
+)
 from proxy.kms.base import (
     DATA_KEY_BYTES,
     Context,
@@ -172,6 +180,8 @@ class AzureKek:
             return self._deny(DenialKind.ACCESS_DENIED, msg)
         if status == 404:
             return self._deny(DenialKind.INVALID_STATE, msg)
+        if status == 400 and op == "unwrapKey":
+            return IntegrityError(f"{PROVIDER} key {self._uri}: {msg}")
         return KeyConfigError(
             f"{PROVIDER} key {self._uri}: {msg}", key_uri=self._uri, provider=PROVIDER
         )
@@ -241,7 +251,7 @@ class AzureKek:
         return WrappedKey(wrapped=blob, key_version=kid)
 
     def _parse(self, blob: bytes) -> tuple[str, bytes, bytes, bytes]:
-        bad = self._deny(DenialKind.INVALID_STATE, "wrapped key is not an azure-kv blob")
+        bad = IntegrityError(f"{PROVIDER} key {self._uri}: wrapped key is not an azure-kv blob")
         if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 1:
             raise bad
         pos = len(_MAGIC)
@@ -278,9 +288,9 @@ class AzureKek:
         try:
             return AESGCM(_derive(secret, context)).decrypt(nonce, sealed, context_aad(context))
         except InvalidTag as exc:
-            raise self._deny(
-                DenialKind.INVALID_STATE,
-                "wrapped key does not open under this context (moved or altered)",
+            raise IntegrityError(
+                f"{PROVIDER} key {self._uri}: wrapped key does not open under this context "
+                "(moved or altered)"
             ) from exc
 
     async def generate_data_key(self, context: Context) -> DataKey:

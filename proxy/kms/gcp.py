@@ -29,9 +29,11 @@ IAM the customer must grant the proxy's service account on the key:
 
 Error mapping: ``FAILED_PRECONDITION`` -> ``DISABLED`` for a disabled version,
 ``INVALID_STATE`` otherwise (destroyed, destroy scheduled, no primary);
-``PERMISSION_DENIED``/``UNAUTHENTICATED`` -> ``ACCESS_DENIED``; ``NOT_FOUND`` and a
-Decrypt ``INVALID_ARGUMENT`` (wrong key or context) -> ``INVALID_STATE``; other
-``INVALID_ARGUMENT`` -> ``KeyConfigError``; ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
+``PERMISSION_DENIED``/``UNAUTHENTICATED`` -> ``ACCESS_DENIED``; ``NOT_FOUND`` ->
+``INVALID_STATE``; a Decrypt ``INVALID_ARGUMENT`` (the ciphertext does not open under
+this key and context: one damaged or moved object) -> ``IntegrityError``, except a
+checksum complaint (corruption in transit) -> unreachable; other ``INVALID_ARGUMENT``
+-> ``KeyConfigError``; ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
 ``RESOURCE_EXHAUSTED``, ``INTERNAL``, ``ABORTED``, ``UNKNOWN``, timeouts -> unreachable.
 """
 
@@ -45,7 +47,13 @@ from google.api_core.client_options import ClientOptions
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import kms_v1
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
+from proxy.errors import (
+    DenialKind,
+    IntegrityError,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsUnreachableError,
+)
 from proxy.kms.base import (
     DATA_KEY_BYTES,
     Context,
@@ -133,9 +141,11 @@ class GcpKek:
             return KeyUnavailableError(
                 text, kind=DenialKind.ACCESS_DENIED, key_uri=self._uri, provider=PROVIDER
             )
-        if isinstance(exc, gexc.NotFound) or (
-            isinstance(exc, gexc.InvalidArgument) and op == "Decrypt"
-        ):
+        if isinstance(exc, gexc.InvalidArgument) and "checksum" in str(exc.message):
+            return KmsUnreachableError(text, key_uri=self._uri, provider=PROVIDER)
+        if isinstance(exc, gexc.InvalidArgument) and op == "Decrypt":
+            return IntegrityError(text)
+        if isinstance(exc, gexc.NotFound):
             return KeyUnavailableError(
                 text, kind=DenialKind.INVALID_STATE, key_uri=self._uri, provider=PROVIDER
             )

@@ -34,8 +34,10 @@ Policy the customer must grant the proxy's token (mount ``transit``, key ``cmek`
 
 Error mapping: 403 -> ``ACCESS_DENIED``; 400 "... disabled ..." or a ciphertext
 version below ``min_decryption_version`` -> ``DISABLED``; 400 "encryption key not
-found" / authentication failure (wrong key or context) / invalid ciphertext ->
-``INVALID_STATE``; 429, 5xx, timeouts, refused connections -> unreachable (retried).
+found" -> ``INVALID_STATE``; a ciphertext that does not open (authentication failure:
+wrong key or context; invalid ciphertext; not a ``vault:vN:`` string) ->
+``IntegrityError`` (one damaged or moved object, not a denial of the key); 429, 5xx,
+timeouts, refused connections -> unreachable (retried).
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ from urllib.parse import quote
 
 import aiohttp
 
-from proxy.errors import DenialKind, KeyConfigError, KeyUnavailableError, KmsUnreachableError
+from proxy.errors import (
+    DenialKind,
+    IntegrityError,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsUnreachableError,
+)
 from proxy.kms.base import (
     DATA_KEY_BYTES,
     Context,
@@ -138,12 +146,12 @@ class VaultTransitKek:
         if "disabled" in low or "disallowed by policy" in low:
             return self._deny(DenialKind.DISABLED, msg)
         if status == 400 and (
-            "not found" in low
-            or "message authentication failed" in low
+            "message authentication failed" in low
             or "invalid ciphertext" in low
             or "unable to decrypt" in low
-            or "unable to get" in low
         ):
+            return IntegrityError(f"{PROVIDER} key {self._uri}: {msg}")
+        if status == 400 and "not found" in low:
             return self._deny(DenialKind.INVALID_STATE, msg)
         if status == 404:
             return self._deny(DenialKind.INVALID_STATE, msg)
@@ -214,11 +222,13 @@ class VaultTransitKek:
         try:
             ct = wrapped.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise self._deny(
-                DenialKind.INVALID_STATE, "wrapped key is not a Transit ciphertext"
+            raise IntegrityError(
+                f"{PROVIDER} key {self._uri}: wrapped key is not a Transit ciphertext"
             ) from exc
         if _VERSION_RE.match(ct) is None:
-            raise self._deny(DenialKind.INVALID_STATE, "wrapped key is not a Transit ciphertext")
+            raise IntegrityError(
+                f"{PROVIDER} key {self._uri}: wrapped key is not a Transit ciphertext"
+            )
         body = {"ciphertext": ct, "context": _context_b64(context)}
 
         async def call() -> bytes:
