@@ -14,19 +14,22 @@ import base64
 import email.utils
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Final
+from urllib.parse import quote
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.checksum_store import StoredChecksum, open_checksum, seal_checksum
 from proxy.errors import FormatError, IntegrityError, S3Error
 from proxy.keys import KeyService
 from proxy.metrics import Metrics
 from proxy.policy import Decision, Policy
+from proxy.s3 import checksums
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,27 @@ def _user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers that are stored with an object: content headers and user metadata."""
+    out = {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower() in PUT_PASS_HEADERS and k.lower() not in ("if-match", "if-none-match")
+    }
+    enc = headers.get("content-encoding")
+    if enc:
+        parts = [p.strip() for p in enc.split(",") if p.strip() and p.strip() != "aws-chunked"]
+        if parts:
+            out["content-encoding"] = ", ".join(parts)
+    out.update(_user_metadata(headers))
+    return out
+
+
+def copy_source(bucket: str, key: str) -> str:
+    """An ``x-amz-copy-source`` value naming ``bucket/key``."""
+    return quote(f"{bucket}/{key}", safe="/~")
+
+
 @dataclass
 class PutResult:
     etag: str | None
@@ -171,46 +195,72 @@ class ObjectLayer:
         headers: Mapping[str, str],
         body: AsyncIterator[bytes],
         length: int,
+        verified_checksums: Callable[[], Mapping[str, str]] = dict,
     ) -> PutResult:
-        """Store ``length`` plaintext bytes from ``body`` (verified by the caller's iterator)."""
+        """Store ``length`` plaintext bytes from ``body`` (verified by the caller's iterator).
+
+        A checksum the client declared in a header is stored (encrypted) with the object at
+        once; one that arrives in the aws-chunked trailer is known only after the body, so it
+        is added by a metadata-only self-copy (``verified_checksums`` gives it then).
+        """
         decision = self.decide_write(bucket, key)
-        out_headers = {k: v for k, v in headers.items() if k.lower() in PUT_PASS_HEADERS}
-        if "if-match" in out_headers:
-            out_headers["if-match"] = backend_etag(out_headers["if-match"])
-        enc = headers.get("content-encoding")
-        if enc:
-            parts = [p.strip() for p in enc.split(",") if p.strip() and p.strip() != "aws-chunked"]
-            if parts:
-                out_headers["content-encoding"] = ", ".join(parts)
-        out_headers.update(_user_metadata(headers))
+        out_headers = storable_headers(headers)
+        for name in ("if-match", "if-none-match"):
+            if name in headers:
+                out_headers[name] = (
+                    backend_etag(headers[name]) if name == "if-match" else headers[name]
+                )
         if not decision.encrypt:
             self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
-            return await self._send_put(bucket, key, out_headers, body, length, encrypted=False)
+            return await self.send_put(bucket, key, out_headers, body, length, encrypted=False)
         assert decision.key_uri is not None
         dk = await self.keys.data_key_for_write(decision.key_uri, bucket)
         object_key = crypto.new_object_key()
         sealed = crypto.seal_object_key(
             dk.plaintext, object_key, crypto.Binding(bucket=bucket, key=key, multipart=False)
         )
+        declared = checksums.from_headers(headers).flexible
+        sealed_ck: str | None = None
+        if declared is not None and declared.value is not None:
+            ck = StoredChecksum(declared.algorithm, declared.value)
+            sealed_ck = seal_checksum(object_key, bucket, key, ck)
         env = crypto.Envelope(
             kek_uri=decision.key_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
             sealed_object_key=sealed,
             multipart=False,
+            checksum=sealed_ck,
         )
-        out_headers.update(crypto.to_metadata(env))
-        encrypted_body = self._encrypt_stream(object_key, body, length)
-        res = await self._send_put(
+        encrypted_body = self.encrypt_stream(object_key, body, length)
+        res = await self.send_put(
             bucket,
             key,
-            out_headers,
+            {**out_headers, **crypto.to_metadata(env)},
             encrypted_body,
             crypto.ciphertext_size(length),
             encrypted=True,
         )
+        if declared is not None and declared.in_trailer:
+            value = verified_checksums().get(declared.header)
+            if value is not None and res.etag is not None:
+                ck = StoredChecksum(declared.algorithm, value)
+                env = replace(env, checksum=seal_checksum(object_key, bucket, key, ck))
+                await self.replace_metadata(
+                    bucket, key, {**out_headers, **crypto.to_metadata(env)}, res.etag
+                )
         res.headers.update(sse_headers(decision.key_uri))
         return res
+
+    async def replace_metadata(
+        self, bucket: str, key: str, metadata: Mapping[str, str], client_etag_value: str
+    ) -> None:
+        """Metadata-only self-copy (the body is not re-encrypted), if the object is unchanged."""
+        headers = {k: v for k, v in metadata.items() if k not in ("if-match", "if-none-match")}
+        headers["x-amz-copy-source"] = copy_source(bucket, key)
+        headers["x-amz-metadata-directive"] = "REPLACE"
+        headers["x-amz-copy-source-if-match"] = backend_etag(client_etag_value)
+        await self.backend.call("PUT", bucket, key, headers=headers)
 
     def decide_write(self, bucket: str, key: str) -> Decision:
         decision = self.policy.decide(bucket, key)
@@ -223,7 +273,7 @@ class ObjectLayer:
         return decision
 
     @staticmethod
-    async def _encrypt_stream(
+    async def encrypt_stream(
         object_key: bytes, body: AsyncIterator[bytes], length: int, part: int = 0
     ) -> AsyncIterator[bytes]:
         enc = crypto.StreamEncryptor(object_key, part)
@@ -245,7 +295,7 @@ class ObjectLayer:
         # The final segment leaves only now: after the caller's iterator verified the body.
         yield enc.finalize()
 
-    async def _send_put(
+    async def send_put(
         self,
         bucket: str,
         key: str,
@@ -298,18 +348,27 @@ class ObjectLayer:
 
     # ------------------------------------------------------------------ GET / HEAD
     async def head_object(
-        self, bucket: str, key: str, cond: Mapping[str, str], query: tuple[tuple[str, str], ...]
+        self,
+        bucket: str,
+        key: str,
+        cond: Mapping[str, str],
+        query: tuple[tuple[str, str], ...],
+        *,
+        checksum_mode: bool = False,
     ) -> GetResult:
         resp, _ = await self.backend.call(
             "HEAD", bucket, key, query=query, headers=_backend_conditions(cond), ok=(200, 304)
         )
-        env = self._envelope(resp.headers)
+        env = self.envelope(resp.headers)
         size = int(resp.headers.get("content-length", "0"))
-        headers = self._response_headers(resp.headers, env)
+        headers = self.response_headers(resp.headers, env)
         if resp.status == 304 or check_preconditions(cond, headers) == 304:
             return GetResult(304, headers, None, 0)
         if env is not None:
-            size = self._plaintext_size(size)
+            size = self.plaintext_size(size)
+            if checksum_mode and env.checksum is not None:
+                object_key = await self.object_key_for(bucket, key, env)
+                headers.update(self._checksum_headers(bucket, key, object_key, env))
         elif self.policy.strict and self.policy.may_be_encrypted(bucket, key):
             raise _strict_refusal()
         return GetResult(resp.status, headers, None, size)
@@ -321,6 +380,8 @@ class ObjectLayer:
         range_header: str | None,
         cond: Mapping[str, str],
         query: tuple[tuple[str, str], ...],
+        *,
+        checksum_mode: bool = False,
     ) -> GetResult:
         """One backend GET in the common case.
 
@@ -330,9 +391,13 @@ class ObjectLayer:
         """
         rng = parse_range(range_header) if range_header else None
         guess = self.policy.may_be_encrypted(bucket, key)
-        result = await self._get(bucket, key, rng, cond, query, guess_encrypted=guess)
+        result = await self._get(
+            bucket, key, rng, cond, query, guess_encrypted=guess, checksum_mode=checksum_mode
+        )
         if result is None:
-            result = await self._get(bucket, key, rng, cond, query, guess_encrypted=not guess)
+            result = await self._get(
+                bucket, key, rng, cond, query, guess_encrypted=not guess, checksum_mode=False
+            )
             if result is None:
                 raise FormatError("object changed between two reads")
         return result
@@ -346,6 +411,7 @@ class ObjectLayer:
         query: tuple[tuple[str, str], ...],
         *,
         guess_encrypted: bool,
+        checksum_mode: bool = False,
     ) -> GetResult | None:
         """GET with the range fitted to the guess; None when the guess proved wrong."""
         hdrs = _backend_conditions(cond)
@@ -355,7 +421,7 @@ class ObjectLayer:
         keep_open = False
         try:
             if resp.status == 304:
-                return GetResult(304, self._response_headers(resp.headers, None), None, 0)
+                return GetResult(304, self.response_headers(resp.headers, None), None, 0)
             if resp.status == 416 and rng is not None:
                 # Some backends refuse a suffix longer than the object, and a stored range
                 # can start past the end: learn the size, then answer or ask precisely.
@@ -366,15 +432,15 @@ class ObjectLayer:
                 )
             if resp.status not in (200, 206):
                 raise parse_error(resp.status, await resp.read())
-            env = self._envelope(resp.headers)
-            if check_preconditions(cond, self._response_headers(resp.headers, env)) == 304:
-                return GetResult(304, self._response_headers(resp.headers, env), None, 0)
+            env = self.envelope(resp.headers)
+            if check_preconditions(cond, self.response_headers(resp.headers, env)) == 304:
+                return GetResult(304, self.response_headers(resp.headers, env), None, 0)
             if rng is not None and _is_partial(resp) and (env is not None) != guess_encrypted:
                 return None
             if env is None:
                 result = self._plaintext_result(bucket, key, resp, rng)
             else:
-                result = await self._decrypt_result(bucket, key, resp, env, rng)
+                result = await self._decrypt_result(bucket, key, resp, env, rng, checksum_mode)
             keep_open = True
             return result
         finally:
@@ -392,8 +458,8 @@ class ObjectLayer:
         """The client's range as first-last for the object's real size, or InvalidRange."""
         head, _ = await self.backend.call("HEAD", bucket, key, query=query)
         size = int(head.headers.get("content-length", "0"))
-        if self._envelope(head.headers) is not None:
-            size = self._plaintext_size(size)
+        if self.envelope(head.headers) is not None:
+            size = self.plaintext_size(size)
         start, end = rng.resolve(size)
         if rng.first is not None and rng.last is not None and (start, end) == (rng.first, rng.last):
             raise invalid_range(size)  # already concrete: the backend's 416 stands
@@ -406,7 +472,7 @@ class ObjectLayer:
         if legacy and self.policy.strict:
             raise _strict_refusal()
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
-        headers = self._response_headers(resp.headers, None)
+        headers = self.response_headers(resp.headers, None)
         passed = (
             (SSE_HEADER, SSE_KEY_HEADER)
             if rng is not None
@@ -436,12 +502,13 @@ class ObjectLayer:
         resp: aiohttp.ClientResponse,
         env: crypto.Envelope,
         rng: ClientRange | None,
+        checksum_mode: bool = False,
     ) -> GetResult:
         # Stored offset and total stored size of what the backend sent.
         stored_total, stored_start = _stored_extent(resp)
-        plain_total = self._plaintext_size(stored_total)
-        object_key = await self._object_key(bucket, key, env)
-        headers = self._response_headers(resp.headers, env)
+        plain_total = self.plaintext_size(stored_total)
+        object_key = await self.object_key_for(bucket, key, env)
+        headers = self.response_headers(resp.headers, env)
         total_segments = crypto.segment_count(stored_total)
         if rng is None:
             plan = crypto.SegmentRange(
@@ -453,6 +520,8 @@ class ObjectLayer:
                 length=plain_total,
             )
             status = 200
+            if checksum_mode and env.checksum is not None:
+                headers.update(self._checksum_headers(bucket, key, object_key, env))
         else:
             start, end = rng.resolve(plain_total)
             plan = crypto.plan_range(plain_total, start, end)
@@ -515,7 +584,7 @@ class ObjectLayer:
             resp.release() if need == 0 else resp.close()
 
     # ------------------------------------------------------------------ helpers
-    async def _object_key(self, bucket: str, key: str, env: crypto.Envelope) -> bytes:
+    async def object_key_for(self, bucket: str, key: str, env: crypto.Envelope) -> bytes:
         data_key = await self.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
         try:
             return crypto.open_object_key(
@@ -527,14 +596,24 @@ class ObjectLayer:
             self.metrics.integrity_failures.inc()
             raise
 
-    def _envelope(self, headers: Mapping[str, str]) -> crypto.Envelope | None:
+    def _checksum_headers(
+        self, bucket: str, key: str, object_key: bytes, env: crypto.Envelope
+    ) -> dict[str, str]:
+        assert env.checksum is not None
+        try:
+            return open_checksum(object_key, bucket, key, env.checksum).headers()
+        except IntegrityError:
+            self.metrics.integrity_failures.inc()
+            raise
+
+    def envelope(self, headers: Mapping[str, str]) -> crypto.Envelope | None:
         try:
             return crypto.from_metadata(headers)
         except FormatError:
             self.metrics.integrity_failures.inc()
             raise
 
-    def _plaintext_size(self, stored: int) -> int:
+    def plaintext_size(self, stored: int) -> int:
         try:
             return crypto.plaintext_size(stored)
         except FormatError:
@@ -542,7 +621,7 @@ class ObjectLayer:
             raise
 
     @staticmethod
-    def _response_headers(
+    def response_headers(
         backend: CIMultiDictProxy[str], env: crypto.Envelope | None
     ) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()

@@ -172,7 +172,9 @@ class S3Handlers:
     async def _put(self, request: web.Request, t: Target, v: VerifiedRequest) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
         body, length = self.auth.plaintext_body(request, v)
-        res = await self.objects.put_object(t.bucket, t.key, request.headers, body, length)
+        res = await self.objects.put_object(
+            t.bucket, t.key, request.headers, body, length, lambda: v.verified_checksums
+        )
         headers = dict(res.headers)
         if res.etag:
             headers["etag"] = res.etag
@@ -183,11 +185,19 @@ class S3Handlers:
     async def _get(self, request: web.Request, t: Target, *, head: bool) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
         query = _query_pass(t, _RESPONSE_OVERRIDES)
+        mode = request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
         if head:
-            res = await self.objects.head_object(t.bucket, t.key, _cond(request), query)
+            res = await self.objects.head_object(
+                t.bucket, t.key, _cond(request), query, checksum_mode=mode
+            )
         else:
             res = await self.objects.get_object(
-                t.bucket, t.key, request.headers.get("range"), _cond(request), query
+                t.bucket,
+                t.key,
+                request.headers.get("range"),
+                _cond(request),
+                query,
+                checksum_mode=mode,
             )
         _apply_overrides(res.headers, t)
         if res.status == 304:

@@ -1,0 +1,74 @@
+"""Client checksums through the proxy: stored encrypted, returned on full reads when asked."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from proxy import crypto
+from tests.test_e2e_core import _code, _data
+
+S = crypto.SEGMENT_SIZE
+
+
+def _crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def _sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def test_default_crc32_returned_and_validated(client: Any, direct: Any, bucket: str) -> None:
+    data = _data(3 * S + 7, 11)
+    put = client.put_object(Bucket=bucket, Key="k", Body=data)
+    assert put["ChecksumCRC32"] == _crc32(data)
+    got = client.get_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+    assert got["Body"].read() == data  # boto3 validates the CRC32 while reading
+    assert got["ChecksumCRC32"] == _crc32(data)
+    assert got["ChecksumType"] == "FULL_OBJECT"
+    head = client.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"] == _crc32(data)
+    assert "ChecksumCRC32" not in client.head_object(Bucket=bucket, Key="k")
+    rng = client.get_object(Bucket=bucket, Key="k", Range="bytes=5-70000", ChecksumMode="ENABLED")
+    assert rng["Body"].read() == data[5:70001]
+    assert "ChecksumCRC32" not in rng
+    # What the backend holds is sealed: the plaintext checksum is nowhere in the metadata.
+    stored = direct.head_object(Bucket=bucket, Key="k")
+    assert _crc32(data) not in str(stored["Metadata"])
+    assert "ChecksumCRC32" not in direct.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
+
+
+@pytest.mark.parametrize("alg", ["SHA256", "CRC32C", "SHA1", "CRC64NVME"])
+def test_other_algorithms(client: Any, bucket: str, alg: str) -> None:
+    data = _data(S + 1, 12)
+    put = client.put_object(Bucket=bucket, Key=alg, Body=data, ChecksumAlgorithm=alg)
+    got = client.get_object(Bucket=bucket, Key=alg, ChecksumMode="ENABLED")
+    assert got["Body"].read() == data
+    assert got[f"Checksum{alg}"] == put[f"Checksum{alg}"]
+    if alg == "SHA256":
+        assert got["ChecksumSHA256"] == _sha256(data)
+
+
+def test_wrong_checksum_is_bad_digest_and_nothing_stored(client: Any, bucket: str) -> None:
+    with pytest.raises(ClientError) as ei:
+        client.put_object(Bucket=bucket, Key="bad", Body=b"hello", ChecksumCRC32=_crc32(b"other"))
+    assert _code(ei.value) == "BadDigest"
+    with pytest.raises(ClientError) as ei:
+        client.head_object(Bucket=bucket, Key="bad")
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def test_bad_content_md5_is_invalid_digest(client: Any, bucket: str) -> None:
+    with pytest.raises(ClientError) as ei:
+        client.put_object(Bucket=bucket, Key="md5", Body=b"hello", ContentMD5="notbase64!")
+    assert _code(ei.value) == "InvalidDigest"
+    md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    with pytest.raises(ClientError) as ei:
+        client.put_object(Bucket=bucket, Key="md5", Body=b"hello", ContentMD5=md5)
+    assert _code(ei.value) == "BadDigest"
