@@ -12,6 +12,24 @@ from proxy.errors import S3Error
 RESERVED_PREFIX = ".cmek-proxy/"
 """Keys under this prefix hold the proxy's own state in the backend; clients never see them."""
 
+CLIENT_ONLY_PARAMS = frozenset(
+    {
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+        "X-Amz-Security-Token",
+        "X-Amz-Content-Sha256",
+        "x-id",
+    }
+)
+"""Query parameters that belong to the client's request (presigned-URL authentication, the
+SDKs' ``x-id`` operation hint): verified by the authenticator against the raw request, never
+part of what the request names, never forwarded to the backend (which would check them as
+its own presigned URL)."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -38,7 +56,11 @@ class Target:
 def route(request: web.Request, virtual_host_domain: str | None) -> Target:
     raw = request.raw_path
     path, _, raw_query = raw.partition("?")
-    query = tuple(parse_qsl(raw_query, keep_blank_values=True))
+    query = tuple(
+        (k, v)
+        for k, v in parse_qsl(raw_query, keep_blank_values=True)
+        if k not in CLIENT_ONLY_PARAMS
+    )
     host = (request.host or "").split(":")[0].lower()
     bucket: str | None
     key: str | None
