@@ -160,7 +160,8 @@ def render_markdown(res: Results) -> str:
         lines.append("## Errors")
         lines.append("")
         for e in res.errors:
-            lines.append(f"- {e['backend']} / {e['target']}: {e['error']}")
+            where = " / ".join(e[k] for k in ("backend", "target", "scenario") if k in e)
+            lines.append(f"- {where}: {e['error']}")
     lines.append("")
     return "\n".join(lines)
 

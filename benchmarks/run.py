@@ -22,11 +22,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-import aiohttp
-
-from benchmarks.loadgen import S3Client, S3RequestError
+from benchmarks.loadgen import S3Client
 from benchmarks.report import PEER_BACKEND, TARGETS, Results, write
-from benchmarks.scenarios import SCENARIOS, Ctx, MiB, Options, run_all, size_label
+from benchmarks.scenarios import (
+    SCENARIO_ERRORS,
+    SCENARIOS,
+    Ctx,
+    MiB,
+    Options,
+    one_line,
+    run_all,
+    size_label,
+)
 from benchmarks.sigv4 import signing_rate
 from benchmarks.targets import (
     REGION,
@@ -42,7 +49,7 @@ from benchmarks.targets import (
 BACKEND_NAMES = ("rclone-dir", "moto")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": MiB, "mib": MiB, "g": 1 << 30, "gib": 1 << 30}
-RUN_ERRORS = (StartError, S3RequestError, aiohttp.ClientError, TimeoutError, RuntimeError, OSError)
+RUN_ERRORS = (StartError, *SCENARIO_ERRORS)
 
 
 def parse_size(text: str) -> int:
@@ -216,20 +223,15 @@ async def run(opts: Options, targets: list[str], backends: list[str], res: Resul
                             await measure_target(bname, target, backend, bdir, opts, res, payloads)
                         except RUN_ERRORS as e:
                             res.errors.append(
-                                {"backend": bname, "target": target, "error": _one_line(e)}
+                                {"backend": bname, "target": target, "error": one_line(e)}
                             )
                             print(f"[bench]   FAILED: {e}", file=sys.stderr, flush=True)
                         print(
                             f"[bench]   {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True
                         )
             except StartError as e:
-                res.errors.append({"backend": bname, "target": "backend", "error": _one_line(e)})
+                res.errors.append({"backend": bname, "target": "backend", "error": one_line(e)})
                 print(f"[bench] backend {bname} FAILED: {e}", file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return " ".join(text.split())[:600]
 
 
 def main(argv: list[str] | None = None) -> int:

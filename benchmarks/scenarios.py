@@ -16,7 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from benchmarks.loadgen import LoadResult, S3Client, run_bounded, run_load
+import aiohttp
+
+from benchmarks.loadgen import LoadResult, S3Client, S3RequestError, run_bounded, run_load
 from benchmarks.report import Results
 from benchmarks.targets import Server, kms_calls, proc_usage, relay_from_upstream
 
@@ -28,6 +30,7 @@ MAX_REQUESTS = 1_000_000
 POPULATE_CONCURRENCY = 32
 LARGE_OP_TIMEOUT = 600.0
 SCENARIOS = ("large", "small", "range", "multipart", "list")
+SCENARIO_ERRORS = (S3RequestError, aiohttp.ClientError, TimeoutError, RuntimeError, OSError)
 
 
 @dataclass
@@ -295,26 +298,42 @@ RUNNERS: dict[str, Callable[[Ctx], Awaitable[None]]] = {
 
 
 async def run_all(ctx: Ctx) -> None:
-    """Every selected scenario in order, then per-target KMS and process figures."""
+    """Every selected scenario in order, then per-target KMS and process figures.
+
+    A scenario that fails (e.g. an operation the target does not support) is recorded in
+    ``ctx.res.errors`` and the next scenario runs.
+    """
     c_start = ctx.cpu()
     for name in ctx.opts.scenarios:
         k0 = await kms_calls(ctx.server.metrics_url) if ctx.server.metrics_url else None
         r0 = ctx.client.requests
         t0 = time.monotonic()
-        await RUNNERS[name](ctx)
+        try:
+            await RUNNERS[name](ctx)
+        except SCENARIO_ERRORS as e:
+            ctx.res.errors.append(
+                {
+                    "backend": ctx.backend,
+                    "target": ctx.target,
+                    "scenario": name,
+                    "error": one_line(e),
+                }
+            )
+            print(f"[bench]     {name}: FAILED: {one_line(e)}", file=sys.stderr, flush=True)
+            continue
         print(f"[bench]     {name}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
         if k0 is not None and ctx.server.metrics_url:
             k1 = await kms_calls(ctx.server.metrics_url)
             reqs = ctx.client.requests - r0
             if reqs:
-                ctx.add(
-                    "KMS calls",
-                    name,
-                    "per 10,000 requests",
-                    "calls",
-                    "lower",
-                    (k1 - k0) * 10_000 / reqs,
-                )
+                per10k = (k1 - k0) * 10_000 / reqs
+                ctx.add("KMS calls", name, "per 10,000 requests", "calls", "lower", per10k)
     usage = proc_usage(ctx.server.pid)
     ctx.add("process", "whole run", "peak RSS (VmHWM)", "MiB", "lower", usage.peak_rss_bytes / MiB)
     ctx.add("process", "whole run", "CPU time", "s", "lower", usage.cpu_seconds - c_start)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one bounded line (S3 error bodies can be long)."""
+    text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())[:600]
