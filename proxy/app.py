@@ -60,9 +60,9 @@ def make_kms_clients(config: Config) -> list[KmsClient]:
 
         clients.append(AzureKmsClient(DefaultAzureCredential(), retry=retry))
     if "vault-transit" in schemes:
-        from proxy.kms.vault import VaultKmsClient
+        from proxy.kms.vault import VaultTransitClient
 
-        clients.append(VaultKmsClient(retry=retry))
+        clients.append(VaultTransitClient(retry=retry))
     return clients
 
 
@@ -174,12 +174,9 @@ async def start(config: Config, proxy: Proxy | None = None) -> Running:
     await s3_site.start()
     admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
     await admin_site.start()
-    return Running(_port(s3_site), _port(admin_site), (s3_runner, admin_runner))
+    return Running(_port(s3_runner), _port(admin_runner), (s3_runner, admin_runner))
 
 
-def _port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp exposes no public accessor for the bound port
-    assert server is not None and isinstance(server, asyncio.base_events.Server)
-    sock = server.sockets[0]
-    port: int = sock.getsockname()[1]
+def _port(runner: web.AppRunner) -> int:
+    port: int = runner.addresses[0][1]
     return port

@@ -53,6 +53,9 @@ class Backend(_Model):
     addressing: Literal["path", "virtual"] = "path"
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    envelope_store: Literal["metadata", "sidecar"] = "metadata"
+    """Where envelopes live: object metadata, or sidecar objects for backends that do not
+    persist user metadata (``rclone serve s3``). See ``proxy/envelopes.py``."""
     max_connections: int = Field(default=256, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=300.0, gt=0)

@@ -142,6 +142,8 @@ def dev_config(
                 "region": DEV_REGION,
                 "access_key": s.backend_access_key,
                 "secret_key": s.backend_secret_key,
+                # rclone serve s3 keeps user metadata in memory only: envelopes go to sidecars.
+                "envelope_store": "sidecar",
             },
             "kms": {"cache_ttl": 300, "probe_interval": 30},
             "encryption": {"default": {"key": f"local://{keyfile}"}},

@@ -1,0 +1,211 @@
+"""Where an object's envelope (wrapped data key, sealed object key, ...) is kept.
+
+Two stores, chosen by ``backend.envelope_store`` in the configuration:
+
+``metadata`` (default)
+    The envelope travels as the object's user metadata (``x-amz-meta-cmek-*``), so a
+    GET's response headers carry it: one backend request per read. Right for every
+    backend that persists user metadata (AWS S3, MinIO, Ceph, GCS, R2, moto, ...).
+
+``sidecar``
+    For backends that do **not** persist user metadata - ``rclone serve s3`` keeps it in
+    memory only and forgets it on restart. The envelope is a small JSON object at
+    ``<bucket>/.cmek-proxy/env/<sha256(key)>/<backend ETag>``, under the reserved prefix
+    clients can never address or list. It is keyed by the data object's ETag (for a
+    single-part object the MD5 of the stored bytes, which the proxy computes while it
+    streams), so every version of an object has its own immutable envelope, and readers
+    cache them for good. For a single-part PUT the envelope is written *before* the final
+    segment is released, so a stored object always has its envelope; for multipart
+    completions and copies it is written right after, and an object found without one on
+    an encrypted path is refused (never served as stored), since it cannot be told from
+    a legacy plaintext object. The first read of each object version costs one extra
+    small GET; later reads none.
+
+The envelope holds only wrapped and sealed key forms, never a secret in the clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Final, Literal, Protocol
+from xml.etree import ElementTree
+
+from proxy import crypto
+from proxy.backend.client import BackendClient, parse_error
+from proxy.errors import FormatError
+
+SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
+_CACHE_ENTRIES: Final = 50_000
+
+StoreKind = Literal["metadata", "sidecar"]
+
+
+def etag_core(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    return etag.strip().removeprefix("W/").strip('"')
+
+
+class EnvelopeStore(Protocol):
+    kind: StoreKind
+
+    @property
+    def needs_stored_md5(self) -> bool:
+        """Whether PUTs must compute the MD5 of the stored bytes for ``before_commit``."""
+        ...
+
+    def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
+        """Headers to send with the backend write that stores the object."""
+        ...
+
+    async def before_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, stored_md5: str
+    ) -> None:
+        """Called after the whole body verified, before the final segment is released."""
+        ...
+
+    async def after_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        """Called once an object exists whose ETag could not be known up front."""
+        ...
+
+    async def read(
+        self, bucket: str, key: str, headers: Mapping[str, str]
+    ) -> crypto.Envelope | None:
+        """The envelope of the object whose backend response headers are ``headers``."""
+        ...
+
+    async def forget(self, bucket: str, key: str) -> None:
+        """The object was deleted: drop its envelopes where that means anything."""
+        ...
+
+
+class MetadataEnvelopes:
+    """Envelopes in the object's own user metadata."""
+
+    kind: StoreKind = "metadata"
+    needs_stored_md5 = False
+
+    def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
+        return crypto.to_metadata(env)
+
+    async def before_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, stored_md5: str
+    ) -> None:
+        return None
+
+    async def after_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        return None
+
+    async def read(
+        self, bucket: str, key: str, headers: Mapping[str, str]
+    ) -> crypto.Envelope | None:
+        return crypto.from_metadata(headers)
+
+    async def forget(self, bucket: str, key: str) -> None:
+        return None
+
+
+def sidecar_prefix(key: str) -> str:
+    return SIDECAR_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest() + "/"
+
+
+class SidecarEnvelopes:
+    """Envelopes in small objects under the reserved prefix, keyed by the data's ETag."""
+
+    kind: StoreKind = "sidecar"
+    needs_stored_md5 = True
+
+    def __init__(self, backend: BackendClient, cache_entries: int = _CACHE_ENTRIES) -> None:
+        self._backend = backend
+        self._cache: OrderedDict[tuple[str, str, str], crypto.Envelope | None] = OrderedDict()
+        self._max = cache_entries
+
+    def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
+        return {}
+
+    def _remember(self, ck: tuple[str, str, str], env: crypto.Envelope | None) -> None:
+        self._cache[ck] = env
+        self._cache.move_to_end(ck)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+
+    async def _write(self, bucket: str, key: str, etag: str, env: crypto.Envelope) -> None:
+        body = json.dumps(crypto.to_metadata(env), sort_keys=True).encode()
+        await self._backend.call(
+            "PUT",
+            bucket,
+            sidecar_prefix(key) + etag,
+            headers={"content-type": "application/json"},
+            body=body,
+        )
+        self._remember((bucket, key, etag), env)
+
+    async def before_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, stored_md5: str
+    ) -> None:
+        await self._write(bucket, key, stored_md5, env)
+
+    async def after_commit(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        etag = etag_core(backend_etag)
+        if etag is None:
+            resp, _ = await self._backend.call("HEAD", bucket, key)
+            etag = etag_core(resp.headers.get("etag"))
+        if etag is None:
+            raise FormatError("backend gave the stored object no ETag")
+        await self._write(bucket, key, etag, env)
+
+    async def read(
+        self, bucket: str, key: str, headers: Mapping[str, str]
+    ) -> crypto.Envelope | None:
+        etag = etag_core(headers.get("etag"))
+        if etag is None:
+            return None
+        ck = (bucket, key, etag)
+        if ck in self._cache:
+            self._cache.move_to_end(ck)
+            return self._cache[ck]
+        resp = await self._backend.request("GET", bucket, sidecar_prefix(key) + etag)
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        if resp.status == 404:
+            return None  # not cached: the envelope may be written a moment later
+        if resp.status != 200:
+            raise parse_error(resp.status, data)
+        try:
+            meta = json.loads(data)
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise FormatError("envelope sidecar is not valid JSON") from exc
+        env = crypto.from_metadata({str(k): str(v) for k, v in meta.items()})
+        self._remember(ck, env)
+        return env
+
+    async def forget(self, bucket: str, key: str) -> None:
+        prefix = sidecar_prefix(key)
+        _, body = await self._backend.call(
+            "GET", bucket, query=(("list-type", "2"), ("prefix", prefix))
+        )
+        root = ElementTree.fromstring(body)
+        for el in root.iter():
+            if el.tag.endswith("Key") and el.text and el.text.startswith(prefix):
+                await self._backend.call("DELETE", bucket, el.text, ok=(200, 204, 404))
+        for ck in [ck for ck in self._cache if ck[0] == bucket and ck[1] == key]:
+            del self._cache[ck]
+
+
+def make_store(kind: StoreKind, backend: BackendClient) -> EnvelopeStore:
+    if kind == "sidecar":
+        return SidecarEnvelopes(backend)
+    return MetadataEnvelopes()
