@@ -136,19 +136,29 @@ def _user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def client_storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``storable_headers`` of a client request, which may not name the envelope's metadata."""
+    _user_metadata(headers)  # raises on x-amz-meta-cmek-*
+    return storable_headers(headers)
+
+
 def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request headers that are stored with an object: content headers and user metadata."""
+    """The headers that are stored with an object: content headers and user metadata.
+
+    Works on request headers and on backend responses (the envelope's names are dropped).
+    """
+    lower = {k.lower(): v for k, v in headers.items() if not crypto.is_internal(k)}
     out = {
-        k.lower(): v
-        for k, v in headers.items()
-        if k.lower() in PUT_PASS_HEADERS and k.lower() not in ("if-match", "if-none-match")
+        k: v
+        for k, v in lower.items()
+        if k in PUT_PASS_HEADERS and k not in ("if-match", "if-none-match")
     }
-    enc = headers.get("content-encoding")
+    enc = lower.get("content-encoding")
     if enc:
         parts = [p.strip() for p in enc.split(",") if p.strip() and p.strip() != "aws-chunked"]
         if parts:
             out["content-encoding"] = ", ".join(parts)
-    out.update(_user_metadata(headers))
+    out.update(_user_metadata(lower))
     return out
 
 
@@ -196,6 +206,8 @@ class ObjectLayer:
         body: AsyncIterator[bytes],
         length: int,
         verified_checksums: Callable[[], Mapping[str, str]] = dict,
+        *,
+        stored_checksum: StoredChecksum | None = None,
     ) -> PutResult:
         """Store ``length`` plaintext bytes from ``body`` (verified by the caller's iterator).
 
@@ -204,7 +216,7 @@ class ObjectLayer:
         is added by a metadata-only self-copy (``verified_checksums`` gives it then).
         """
         decision = self.decide_write(bucket, key)
-        out_headers = storable_headers(headers)
+        out_headers = client_storable_headers(headers)
         for name in ("if-match", "if-none-match"):
             if name in headers:
                 out_headers[name] = (
@@ -221,7 +233,10 @@ class ObjectLayer:
         )
         declared = checksums.from_headers(headers).flexible
         sealed_ck: str | None = None
-        if declared is not None and declared.value is not None:
+        if stored_checksum is not None:
+            declared = None
+            sealed_ck = seal_checksum(object_key, bucket, key, stored_checksum)
+        elif declared is not None and declared.value is not None:
             ck = StoredChecksum(declared.algorithm, declared.value)
             sealed_ck = seal_checksum(object_key, bucket, key, ck)
         env = crypto.Envelope(

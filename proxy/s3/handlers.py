@@ -9,7 +9,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
-from proxy.errors import IntegrityError, FormatError, S3Error
+from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.multipart import MultipartLayer
 from proxy.objects import GetResult, ObjectLayer
 from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.listing import rewrite_listing
@@ -64,6 +65,7 @@ class S3Handlers:
         self.objects = objects
         self.backend = backend
         self.auth = auth
+        self.multipart = MultipartLayer(objects)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
@@ -161,7 +163,9 @@ class S3Handlers:
             return await self._passthrough(request, t, v)
         if m == "PUT" and not t.query and "x-amz-copy-source" not in request.headers:
             return await self._put(request, t, v)
-        if m == "GET" and not _has_unknown(t, ("versionId", "partNumber") + _RESPONSE_OVERRIDES):
+        if t.has("uploads") or t.has("uploadId"):
+            return await self._multipart(request, t, v)
+        if m == "GET" and not _has_unknown(t, ("versionId", "partNumber", *_RESPONSE_OVERRIDES)):
             return await self._get(request, t, head=False)
         if m == "HEAD" and not _has_unknown(t, ("versionId", "partNumber")):
             return await self._get(request, t, head=True)
@@ -181,6 +185,35 @@ class S3Handlers:
         for name, value in v.checksum_headers().items():
             headers[name] = value
         return web.Response(status=200, headers=headers)
+
+    async def _multipart(
+        self, request: web.Request, t: Target, v: VerifiedRequest
+    ) -> web.StreamResponse:
+        assert t.bucket is not None and t.key is not None
+        m, mp, upload_id = request.method, self.multipart, t.get("uploadId") or ""
+        if m == "POST" and t.has("uploads"):
+            await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            doc, headers = await mp.create(t.bucket, t.key, request.headers)
+            return _xml(doc, headers)
+        if m == "PUT" and "x-amz-copy-source" not in request.headers:
+            body, length = self.auth.plaintext_body(request, v)
+            res = await mp.upload_part(
+                t.bucket, t.key, upload_id, t.get("partNumber"), body, length
+            )
+            headers = {**res.headers, **v.checksum_headers()}
+            if res.etag:
+                headers["etag"] = res.etag
+            return web.Response(status=200, headers=headers)
+        if m == "POST":
+            xml = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            doc, headers = await mp.complete(t.bucket, t.key, upload_id, xml, request.headers)
+            return _xml(doc, headers)
+        if m == "DELETE":
+            await mp.abort(t.bucket, t.key, upload_id)
+            return web.Response(status=204)
+        if m == "GET":
+            return _xml(await mp.list_parts(t.bucket, t.key, upload_id, t.query), {})
+        raise S3Error("NotImplemented", "This multipart operation is not supported", 501)
 
     async def _get(self, request: web.Request, t: Target, *, head: bool) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
@@ -219,6 +252,10 @@ _RESPONSE_OVERRIDES = (
     "response-content-disposition",
     "response-content-encoding",
 )
+
+
+def _xml(doc: bytes, headers: Mapping[str, str]) -> web.Response:
+    return web.Response(body=doc, content_type="application/xml", headers=dict(headers))
 
 
 def _has_unknown(t: Target, allowed: tuple[str, ...]) -> bool:

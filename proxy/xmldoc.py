@@ -1,0 +1,67 @@
+"""Small S3 XML documents: building answers and reading client and backend documents.
+
+Parsing uses the standard library: expat >= 2.4.1 (checked at import) bounds entity
+amplification, and ElementTree never resolves external entities, so the attacks defusedxml
+guards against do not apply.
+"""
+
+from __future__ import annotations
+
+import pyexpat
+from collections.abc import Sequence
+from typing import Final
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
+
+from proxy.errors import FormatError, S3Error
+
+S3_NS: Final = "http://s3.amazonaws.com/doc/2006-03-01/"
+if pyexpat.version_info < (2, 4, 1):
+    raise ImportError("cmek-proxy needs expat >= 2.4.1 (entity amplification limits)")
+
+
+def xml_doc(root: str, fields: Sequence[tuple[str, str]]) -> bytes:
+    """``<root xmlns=S3>`` with one text child per field."""
+    inner = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in fields)
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{root} xmlns="{S3_NS}">{inner}</{root}>'
+    ).encode()
+
+
+def local(tag: str) -> str:
+    """An element's name without its namespace."""
+    return tag.rpartition("}")[2]
+
+
+def parse_backend(data: bytes) -> ElementTree.Element:
+    try:
+        return ElementTree.fromstring(data)  # noqa: S314 - see module docstring
+    except ElementTree.ParseError as exc:
+        raise FormatError("backend sent malformed XML") from exc
+
+
+def child_text(root: ElementTree.Element, name: str) -> str:
+    for el in root:
+        if local(el.tag) == name:
+            return (el.text or "").strip()
+    return ""
+
+
+def find_text(data: bytes, name: str) -> str:
+    """The text of a top-level child of a backend document."""
+    return child_text(parse_backend(data), name)
+
+
+def serialize(root: ElementTree.Element) -> bytes:
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root)
+
+
+def raise_embedded_error(data: bytes) -> None:
+    """S3 may answer Complete/Copy with 200 and an error document."""
+    if not data:
+        return
+    root = parse_backend(data)
+    if local(root.tag) == "Error":
+        code = child_text(root, "Code") or "InternalError"
+        message = child_text(root, "Message") or code
+        raise S3Error(code, message, 500 if code == "InternalError" else 400)
