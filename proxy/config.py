@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,11 @@ class Kms(_Model):
     probe_interval: float = Field(default=30.0, gt=0)
     timeout: float = Field(default=5.0, gt=0)
     retries: int = Field(default=3, ge=0, le=10)
+    providers: list[Literal["aws-kms", "gcp-kms", "azure-kv", "vault-transit"]] = Field(
+        default_factory=list
+    )
+    """Providers to load besides those the configured key URIs need: keys named only by
+    specs made through the admin API need their provider loaded at start."""
 
 
 class KeySpec(_Model):
@@ -90,11 +96,37 @@ class EncryptionRule(_Model):
     key: str | None = None
     location: str | None = None
     passthrough: bool = False
+    encrypted_since: datetime | None = None
+    """When encryption was turned on for this path (set by the admin API on activation).
+    Listings treat objects last modified before it as legacy plaintext; None: always."""
 
     @model_validator(mode="after")
     def _one(self) -> EncryptionRule:
         if self.passthrough == (self.key is not None):
             raise ValueError("give exactly one of 'key' or 'passthrough: true'")
+        return self
+
+
+class UnencryptedTtl(_Model):
+    """Objects that declare a short life are stored as sent (the Anthropic document leaves
+    data with a TTL under 24 hours unencrypted). Decided per PUT from its headers."""
+
+    header: str | None = None
+    """A request header holding the object's TTL in seconds (``x-amz-meta-ttl-seconds``)."""
+    use_expires: bool = False
+    """Also honour the standard ``Expires`` header (an HTTP date)."""
+    max_seconds: float = Field(default=86400.0, gt=0)
+    """Objects whose TTL is below this are stored as sent."""
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _some(self) -> UnencryptedTtl:
+        if self.header is None and not self.use_expires:
+            raise ValueError("give 'header' or 'use_expires: true'")
         return self
 
 
@@ -104,8 +136,26 @@ class Encryption(_Model):
     """Keys are ``bucket`` or ``bucket/prefix``; the longest match wins."""
     unencrypted_paths: list[str] = Field(default_factory=list)
     """Globs (``bucket/cache/**``, ``*/tmp/*``) stored as sent: short-lived data."""
+    unencrypted_ttl: UnencryptedTtl | None = None
+    """Optional rule: objects whose TTL header is under a threshold are stored as sent."""
     strict: bool = False
     """Refuse to serve objects that are stored unencrypted on encrypted paths."""
+
+
+class Specs(_Model):
+    """Encryption specs made through the admin API, shared by every replica."""
+
+    control_bucket: str | None = None
+    """Backend bucket whose reserved prefix ``.cmek-proxy/specs/`` holds API-made specs and
+    operations (clients can never address it). None: the API cannot change specs."""
+    poll_interval: float = Field(default=10.0, gt=0, le=300)
+    """Seconds between a replica's reads of the spec store: the bound on how long other
+    replicas take to see a change."""
+
+
+class Audit(_Model):
+    path: Path | None = None
+    """Hash-chained JSON-lines audit log; default ``<data_dir>/audit.jsonl``."""
 
 
 class Config(_Model):
@@ -122,6 +172,24 @@ class Config(_Model):
     """Base domain for virtual-host-style addressing (``bucket.<domain>``)."""
     data_dir: Path | None = None
     """Where the audit log and other local state live."""
+    specs: Specs = Field(default_factory=Specs)
+    audit: Audit = Field(default_factory=Audit)
+
+    @model_validator(mode="after")
+    def _audit_for_admin(self) -> Config:
+        if self.admin.token is not None and self.audit_path() is None:
+            raise ValueError(
+                "admin.token enables the admin API, which needs an audit log: "
+                "set audit.path or data_dir"
+            )
+        return self
+
+    def audit_path(self) -> Path | None:
+        if self.audit.path is not None:
+            return self.audit.path
+        if self.data_dir is not None:
+            return self.data_dir / "audit.jsonl"
+        return None
 
     def key_uris(self) -> list[str]:
         uris = [r.key for r in self.encryption.buckets.values() if r.key]

@@ -5,21 +5,30 @@ A ``Policy`` answers one question for a (bucket, key): *encrypt under key URI X*
 
 1. ``unencrypted_paths`` globs (``bucket/cache/**``, ``*/tmp/*``): short-lived data is
    stored as sent, as the CMEK documents leave caches and short-TTL data unencrypted;
-2. the longest ``bucket`` or ``bucket/prefix`` spec;
-3. the default: a key, ``passthrough`` or ``refuse``.
+2. ``unencrypted_ttl``: a PUT whose TTL header (a configured header holding seconds, or
+   ``Expires``) is under the threshold is stored as sent (rule ``unencrypted-ttl``);
+3. the longest ``bucket`` or ``bucket/prefix`` spec;
+4. the default: a key, ``passthrough`` or ``refuse``.
 
-It is pure: no I/O.  Specs from the admin API are merged in by ``with_specs``.
+It is pure: no I/O (the clock for ``Expires`` is a parameter).  Specs from the admin API
+are merged in by ``with_specs``; the data path swaps the whole ``Policy`` object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from functools import lru_cache
 
-from proxy.config import Encryption, EncryptionRule
+from proxy.config import Encryption, EncryptionRule, UnencryptedTtl
+
+RULE_TTL = "unencrypted-ttl"
+RULE_PATH = "unencrypted-path"
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class Decision:
     """Which rule decided (shown in metrics labels and debug headers): bounded strings."""
     refuse: bool = False
     location: str | None = None
+    encrypted_since: float | None = None
+    """Epoch seconds since when this path is encrypted (None: always); see ``may_be_encrypted``."""
 
     @property
     def encrypt(self) -> bool:
@@ -61,11 +72,31 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
+def ttl_seconds(
+    rule: UnencryptedTtl, headers: Mapping[str, str], now: Callable[[], float] = time.time
+) -> float | None:
+    """The TTL an object's headers declare under ``rule`` (the smallest), or None."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    found: list[float] = []
+    if rule.header is not None and rule.header in lower:
+        with contextlib.suppress(ValueError):
+            found.append(float(lower[rule.header].strip()))
+    if rule.use_expires and "expires" in lower:
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            found.append(parsedate_to_datetime(lower["expires"]).timestamp() - now())
+    return min(found) if found else None
+
+
 class Policy:
     def __init__(
-        self, enc: Encryption, extra_specs: Mapping[str, EncryptionRule] | None = None
+        self,
+        enc: Encryption,
+        extra_specs: Mapping[str, EncryptionRule] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._enc = enc
+        self._clock = clock
         specs = dict(enc.buckets)
         specs.update(extra_specs or {})
         # Longest path first, so bucket/prefix wins over bucket.
@@ -73,17 +104,28 @@ class Policy:
         self._globs = [(g, _glob_regex(g)) for g in enc.unencrypted_paths]
         self.strict = enc.strict
 
+    @property
+    def encryption(self) -> Encryption:
+        return self._enc
+
     def with_specs(self, extra: Mapping[str, EncryptionRule]) -> Policy:
-        return Policy(self._enc, extra)
+        return Policy(self._enc, extra, clock=self._clock)
 
     def specs(self) -> dict[str, EncryptionRule]:
         return dict(self._specs)
 
-    def decide(self, bucket: str, key: str) -> Decision:
+    def decide(self, bucket: str, key: str, headers: Mapping[str, str] | None = None) -> Decision:
+        """The decision for one object; ``headers`` (a PUT's request headers, or a stored
+        object's response headers) let the ``unencrypted_ttl`` rule apply."""
         path = f"{bucket}/{key}"
         for glob, rx in self._globs:
             if rx.match(path) or fnmatch.fnmatchcase(path, glob):
-                return Decision(None, "unencrypted-path")
+                return Decision(None, RULE_PATH)
+        ttl_rule = self._enc.unencrypted_ttl
+        if ttl_rule is not None and headers:
+            ttl = ttl_seconds(ttl_rule, headers, self._clock)
+            if ttl is not None and ttl < ttl_rule.max_seconds:
+                return Decision(None, RULE_TTL)
         for name, rule in self._specs:
             if path.startswith(name if "/" in name else name + "/"):
                 return self._from_rule(rule, "bucket-spec")
@@ -109,8 +151,25 @@ class Policy:
     def _from_rule(rule: EncryptionRule, name: str) -> Decision:
         if rule.passthrough:
             return Decision(None, f"{name}-passthrough")
-        return Decision(rule.key, name, location=rule.location)
+        since = rule.encrypted_since.timestamp() if rule.encrypted_since else None
+        return Decision(rule.key, name, location=rule.location, encrypted_since=since)
 
-    def may_be_encrypted(self, bucket: str, key: str) -> bool:
-        """Whether a listed object at this path is expected to be stored encrypted."""
-        return self.decide(bucket, key).encrypt
+    def may_be_encrypted(
+        self,
+        bucket: str,
+        key: str,
+        last_modified: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Whether an object at this path is expected to be stored encrypted.
+
+        ``last_modified`` (epoch seconds, from a listing or HEAD): an object older than the
+        moment encryption was turned on for its path is legacy plaintext. ``headers`` (a
+        stored object's response headers): an object the TTL rule let through is not.
+        """
+        d = self.decide(bucket, key, headers)
+        if not d.encrypt:
+            return False
+        if last_modified is not None and d.encrypted_since is not None:
+            return last_modified >= d.encrypted_since
+        return True
