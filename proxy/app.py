@@ -121,12 +121,23 @@ def build(
     s3_app[KEYS] = keys
     s3_app[METRICS] = metrics
 
+    async def close_resources() -> None:
+        await session.close()
+        for c in clients:
+            await c.close()
+
     async def resources(_: web.Application) -> AsyncIterator[None]:
-        if validate_keys:
-            for uri in config.key_uris():
-                loc = _location_for(config, uri)
-                await keys.validate(uri, loc)
-                log.info("key validated: %s", uri)
+        validated = False
+        try:
+            if validate_keys:
+                for uri in config.key_uris():
+                    loc = _location_for(config, uri)
+                    await keys.validate(uri, loc)
+                    log.info("key validated: %s", uri)
+            validated = True
+        finally:
+            if not validated:  # a failed start closes what build() opened
+                await close_resources()
         prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
         try:
             yield
@@ -134,9 +145,7 @@ def build(
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
-            await session.close()
-            for c in clients:
-                await c.close()
+            await close_resources()
 
     s3_app.cleanup_ctx.append(resources)
     return Proxy(s3_app, admin_app, keys, metrics)
