@@ -32,7 +32,7 @@ class StoredPart:
     stored_size: int
 
 
-class _Reader:
+class ExactReader:
     """Hands out exact-length slices of one chunk stream, in order."""
 
     def __init__(self, source: AsyncIterator[bytes]) -> None:
@@ -73,7 +73,7 @@ async def realign(
             raise parse_error(resp.status, await resp.read())
         headers = storable_headers(resp.headers)
         total = sum(crypto.plaintext_size(p.stored_size) for p in parts)
-        reader = _Reader(resp.content.iter_chunked(READ_CHUNK))
+        reader = ExactReader(resp.content.iter_chunked(READ_CHUNK))
         body = _decrypt_parts(object_key, parts, reader)
         await write_plaintext(objects, bucket, key, headers, body, total, checksum)
     except IntegrityError:
@@ -84,7 +84,7 @@ async def realign(
 
 
 async def _decrypt_parts(
-    object_key: bytes, parts: list[StoredPart], reader: _Reader
+    object_key: bytes, parts: list[StoredPart], reader: ExactReader
 ) -> AsyncIterator[bytes]:
     """Each part is its own stream: authenticate it on its own, and check its part number."""
     for part in parts:
@@ -163,7 +163,7 @@ async def _write_multipart(
     if not upload_id:
         raise FormatError("backend CreateMultipartUpload answered without an UploadId")
     done: list[tuple[int, str]] = []
-    reader = _Reader(body)
+    reader = ExactReader(body)
     try:
         offset, number = 0, 1
         while offset < length:

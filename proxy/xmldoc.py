@@ -48,7 +48,9 @@ def child_text(root: ElementTree.Element, name: str) -> str:
 
 
 def find_text(data: bytes, name: str) -> str:
-    """The text of a top-level child of a backend document."""
+    """The text of a top-level child of a backend document ("" for an empty body)."""
+    if not data.strip():
+        return ""
     return child_text(parse_backend(data), name)
 
 

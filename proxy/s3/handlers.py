@@ -9,6 +9,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
+from proxy.copy import CopyLayer
 from proxy.errors import FormatError, IntegrityError, S3Error
 from proxy.multipart import MultipartLayer
 from proxy.objects import GetResult, ObjectLayer
@@ -66,6 +67,7 @@ class S3Handlers:
         self.backend = backend
         self.auth = auth
         self.multipart = MultipartLayer(objects)
+        self.copies = CopyLayer(objects, self.multipart)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
@@ -165,6 +167,10 @@ class S3Handlers:
             return await self._put(request, t, v)
         if t.has("uploads") or t.has("uploadId"):
             return await self._multipart(request, t, v)
+        if m == "PUT" and "x-amz-copy-source" in request.headers and not t.query:
+            await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            doc, headers = await self.copies.copy_object(t.bucket, t.key, request.headers)
+            return _xml(doc, headers)
         if m == "GET" and not _has_unknown(t, ("versionId", "partNumber", *_RESPONSE_OVERRIDES)):
             return await self._get(request, t, head=False)
         if m == "HEAD" and not _has_unknown(t, ("versionId", "partNumber")):
@@ -195,7 +201,13 @@ class S3Handlers:
             await self.auth.small_body(request, v, MAX_SMALL_BODY)
             doc, headers = await mp.create(t.bucket, t.key, request.headers)
             return _xml(doc, headers)
-        if m == "PUT" and "x-amz-copy-source" not in request.headers:
+        if m == "PUT" and "x-amz-copy-source" in request.headers:
+            await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            doc = await self.copies.upload_part_copy(
+                t.bucket, t.key, upload_id, t.get("partNumber"), request.headers
+            )
+            return _xml(doc, {})
+        if m == "PUT":
             body, length = self.auth.plaintext_body(request, v)
             res = await mp.upload_part(
                 t.bucket, t.key, upload_id, t.get("partNumber"), body, length
