@@ -72,3 +72,53 @@ def test_bad_content_md5_is_invalid_digest(client: Any, bucket: str) -> None:
     with pytest.raises(ClientError) as ei:
         client.put_object(Bucket=bucket, Key="md5", Body=b"hello", ContentMD5=md5)
     assert _code(ei.value) == "BadDigest"
+
+
+def _mpu(client: Any, bucket: str, key: str, parts: list[bytes], **create: Any) -> Any:
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, **create)["UploadId"]
+    done = []
+    for i, part in enumerate(parts, start=1):
+        res = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=i,
+            Body=part,
+            ChecksumAlgorithm=create["ChecksumAlgorithm"],
+        )
+        name = f"Checksum{create['ChecksumAlgorithm']}"
+        done.append({"PartNumber": i, "ETag": res["ETag"], name: res[name]})
+    return client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+    )
+
+
+def test_multipart_composite_checksum(client: Any, bucket: str) -> None:
+    parts = [_data(5 * 1024 * 1024, 20), _data(1000, 21)]
+    res = _mpu(client, bucket, "comp", parts, ChecksumAlgorithm="SHA256")
+    raw = b"".join(base64.b64decode(_sha256(p)) for p in parts)
+    want = base64.b64encode(hashlib.sha256(raw).digest()).decode() + "-2"
+    assert res["ChecksumSHA256"] == want and res["ChecksumType"] == "COMPOSITE"
+    got = client.get_object(Bucket=bucket, Key="comp", ChecksumMode="ENABLED")
+    assert got["Body"].read() == b"".join(parts)
+    assert got["ChecksumSHA256"] == want and got["ChecksumType"] == "COMPOSITE"
+    assert got["ETag"] == res["ETag"] == client.head_object(Bucket=bucket, Key="comp")["ETag"]
+
+
+def test_multipart_full_object_crc_validated_by_boto3(client: Any, bucket: str) -> None:
+    parts = [_data(5 * 1024 * 1024 + 1, 22), _data(5 * 1024 * 1024, 23), _data(3, 24)]
+    data = b"".join(parts)
+    res = _mpu(client, bucket, "full", parts, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+    assert res["ChecksumCRC32"] == _crc32(data) and res["ChecksumType"] == "FULL_OBJECT"
+    got = client.get_object(Bucket=bucket, Key="full", ChecksumMode="ENABLED")
+    assert got["Body"].read() == data  # boto3 checks the full-object CRC32 while reading
+    assert got["ChecksumCRC32"] == _crc32(data)
+
+
+def test_upload_file_default_checksum(client: Any, bucket: str, tmp_path: Any) -> None:
+    data = _data(9 * 1024 * 1024, 25)
+    (tmp_path / "f").write_bytes(data)
+    client.upload_file(str(tmp_path / "f"), bucket, "uf")
+    got = client.get_object(Bucket=bucket, Key="uf", ChecksumMode="ENABLED")
+    assert got["Body"].read() == data
+    assert "ChecksumCRC32" in got

@@ -249,3 +249,26 @@ def test_range_reads_across_part_boundaries(client: Any, bucket: str) -> None:
         assert got["ContentRange"] == f"bytes {a}-{z}/{len(data)}"
     got = client.get_object(Bucket=bucket, Key="rr", Range="bytes=-70000")
     assert got["Body"].read() == data[-70000:]
+
+
+def test_part_number_reads(client: Any, bucket: str) -> None:
+    parts = [_data(5 * MiB, 60), _data(8 * MiB, 61), _data(5 * MiB, 62), _data(70_001, 63)]
+    data = b"".join(parts)
+    _upload(client, bucket, "pn", parts, parallel=True)
+    offset = 0
+    for i, part in enumerate(parts, start=1):
+        got = client.get_object(Bucket=bucket, Key="pn", PartNumber=i)
+        assert got["Body"].read() == part, i
+        end = offset + len(part) - 1
+        assert got["ContentRange"] == f"bytes {offset}-{end}/{len(data)}"
+        assert got["PartsCount"] == len(parts)
+        head = client.head_object(Bucket=bucket, Key="pn", PartNumber=i)
+        assert head["ContentLength"] == len(part) and head["PartsCount"] == len(parts)
+        assert head["ContentRange"] == got["ContentRange"]
+        offset += len(part)
+    with pytest.raises(ClientError) as ei:
+        client.get_object(Bucket=bucket, Key="pn", PartNumber=5)
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
+    client.put_object(Bucket=bucket, Key="single", Body=_data(1000, 64))
+    got = client.get_object(Bucket=bucket, Key="single", PartNumber=1)
+    assert got["Body"].read() == _data(1000, 64) and got["PartsCount"] == 1

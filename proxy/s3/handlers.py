@@ -13,6 +13,7 @@ from proxy.copy import CopyLayer
 from proxy.errors import FormatError, IntegrityError, S3Error
 from proxy.multipart import MultipartLayer
 from proxy.objects import GetResult, ObjectLayer
+from proxy.part_reads import PartReader
 from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.listing import rewrite_listing
 from proxy.s3.routing import Target
@@ -68,6 +69,7 @@ class S3Handlers:
         self.auth = auth
         self.multipart = MultipartLayer(objects)
         self.copies = CopyLayer(objects, self.multipart)
+        self.parts = PartReader(objects)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
@@ -231,7 +233,11 @@ class S3Handlers:
         assert t.bucket is not None and t.key is not None
         query = _query_pass(t, _RESPONSE_OVERRIDES)
         mode = request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
-        if head:
+        part = t.get("partNumber")
+        if part is not None:
+            query = tuple(kv for kv in query if kv[0] != "partNumber")
+            res = await self.parts.read(t.bucket, t.key, part, _cond(request), query, head=head)
+        elif head:
             res = await self.objects.head_object(
                 t.bucket, t.key, _cond(request), query, checksum_mode=mode
             )
