@@ -18,9 +18,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.admin.api import AdminApi
+from proxy.admin.server import make_admin_app
+from proxy.audit import AuditLog
 from proxy.backend.client import BackendClient
 from proxy.config import Config
+from proxy.envelopes import make_store
 from proxy.errors import KeyConfigError
+from proxy.jobs import JobContext
 from proxy.keys import KeyService
 from proxy.kms.base import Kek, KmsClient, RetryPolicy
 from proxy.metrics import Metrics
@@ -30,7 +35,7 @@ from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.server import make_s3_app
 from proxy.s3.sigv4 import Credentials
-from proxy.admin.server import make_admin_app
+from proxy.specs import SpecStore
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ def make_kms_clients(config: Config) -> list[KmsClient]:
 
     retry = RetryPolicy(attempts=config.kms.retries + 1, timeout=config.kms.timeout)
     clients: list[KmsClient] = [LocalKmsClient()]
-    schemes = {uri.split("://", 1)[0] for uri in config.key_uris()}
+    schemes = {uri.split("://", 1)[0] for uri in config.key_uris()} | set(config.kms.providers)
     if "aws-kms" in schemes:
         from proxy.kms.aws import AwsKmsClient
 
@@ -91,6 +96,9 @@ class Proxy:
     admin_app: web.Application
     keys: KeyService
     metrics: Metrics
+    specs: SpecStore | None = None
+    audit: AuditLog | None = None
+    jobs: JobContext | None = None
 
 
 def build(
@@ -101,11 +109,14 @@ def build(
 ) -> Proxy:
     metrics = Metrics()
     clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
+    audit_path = config.audit_path()
+    audit = AuditLog(audit_path) if audit_path is not None else None
     keys = KeyService(
         resolver(clients),
         metrics,
         ttl=config.kms.cache_ttl,
         max_entries=config.kms.cache_entries,
+        on_event=audit.key_event if audit is not None else None,
     )
     for uri in config.key_uris():
         keys.register(uri)
@@ -148,7 +159,39 @@ def build(
             await close_resources()
 
     s3_app.cleanup_ctx.append(resources)
-    return Proxy(s3_app, admin_app, keys, metrics)
+
+    # Encryption specs from the admin API: read before listening, then polled; the data
+    # path's policy is replaced whole when they change.
+    def swap_policy(new: Policy) -> None:
+        objects.policy = new
+
+    specs = SpecStore(config, backend, on_policy=swap_policy, on_key=keys.register)
+    jobs = JobContext(
+        backend,
+        keys,
+        make_store(config.backend.envelope_store, backend),
+        lambda: specs.policy,
+        audit,
+    )
+    api: AdminApi | None = None
+    if config.admin.token is not None and audit is not None:
+        api = AdminApi(config.admin.token, specs, keys, audit, jobs)
+        api.register(admin_app)
+
+    async def spec_store(_: web.Application) -> AsyncIterator[None]:
+        await specs.refresh()
+        poller = asyncio.create_task(specs.run_poller())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            if api is not None:
+                await api.close()
+
+    s3_app.cleanup_ctx.append(spec_store)
+    return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs)
 
 
 def _location_for(config: Config, uri: str) -> str | None:
