@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import urllib.error
+import urllib.request
 import zlib
 from typing import Any
 
+import botocore.auth
 import pytest
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as BotoCredentials
 from botocore.exceptions import ClientError
 
 from proxy import crypto
+from tests.servers import CLIENT_AK, CLIENT_SK, REGION, ProxyThread
+from tests.test_chunked import encode_unsigned
 from tests.test_e2e_core import _code, _data
 
 S = crypto.SEGMENT_SIZE
@@ -122,3 +129,45 @@ def test_upload_file_default_checksum(client: Any, bucket: str, tmp_path: Any) -
     got = client.get_object(Bucket=bucket, Key="uf", ChecksumMode="ENABLED")
     assert got["Body"].read() == data
     assert "ChecksumCRC32" in got
+
+
+class _TrailerSigner(botocore.auth.S3SigV4Auth):
+    def payload(self, request: AWSRequest) -> str:
+        return "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+
+
+def _put_with_trailer(endpoint: str, bucket: str, key: str, data: bytes, crc: str) -> int:
+    """A PUT whose CRC32 comes in the aws-chunked trailer (what boto3 sends over TLS)."""
+    body = encode_unsigned(data, 65536, {"x-amz-checksum-crc32": crc})
+    headers = {
+        "Content-Encoding": "aws-chunked",
+        "X-Amz-Decoded-Content-Length": str(len(data)),
+        "X-Amz-Trailer": "x-amz-checksum-crc32",
+        "Content-Length": str(len(body)),
+        "Content-Type": "application/octet-stream",  # urllib's default form type upsets moto
+    }
+    request = AWSRequest(method="PUT", url=f"{endpoint}/{bucket}/{key}", headers=headers)
+    _TrailerSigner(BotoCredentials(CLIENT_AK, CLIENT_SK), "s3", REGION).add_auth(request)
+    req = urllib.request.Request(
+        request.url, data=body, method="PUT", headers=dict(request.headers.items())
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_trailer_checksum_stored_by_self_copy(
+    proxy: ProxyThread, client: Any, direct: Any, bucket: str
+) -> None:
+    data = _data(2 * S + 11, 30)
+    assert _put_with_trailer(proxy.endpoint, bucket, "tr", data, _crc32(data)) == 200
+    got = client.get_object(Bucket=bucket, Key="tr", ChecksumMode="ENABLED")
+    assert got["Body"].read() == data
+    assert got["ChecksumCRC32"] == _crc32(data)
+    put_etag = client.head_object(Bucket=bucket, Key="tr")["ETag"]
+    assert got["ETag"] == put_etag
+    assert _put_with_trailer(proxy.endpoint, bucket, "tr2", data, _crc32(b"x")) == 400
+    with pytest.raises(ClientError):
+        client.head_object(Bucket=bucket, Key="tr2")
