@@ -1,0 +1,59 @@
+"""Run a job from the configuration file alone (``cmek-proxy job ...``), no proxy needed.
+
+It builds what a proxy would - KMS clients, ``KeyService``, backend client, envelope store,
+the policy including the specs stored through the admin API - runs one job and closes all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.app import make_kms_clients, resolver
+from proxy.audit import AuditLog
+from proxy.backend.client import BackendClient
+from proxy.config import Config
+from proxy.envelopes import make_store
+from proxy.jobs import JOBS
+from proxy.jobs.common import JobContext, JobOptions, JobProgress
+from proxy.keys import KeyService
+from proxy.kms.base import KmsClient
+from proxy.metrics import Metrics
+from proxy.specs import SpecStore
+
+
+async def run_standalone(
+    config: Config,
+    kind: str,
+    opts: JobOptions,
+    *,
+    kms_clients: Sequence[KmsClient] | None = None,
+) -> JobProgress:
+    if kind not in JOBS:
+        raise ValueError(f"unknown job {kind!r}")
+    clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
+    audit_path = config.audit_path()
+    audit = AuditLog(audit_path) if audit_path is not None else None
+    keys = KeyService(
+        resolver(clients),
+        Metrics(),
+        ttl=config.kms.cache_ttl,
+        max_entries=config.kms.cache_entries,
+        on_event=audit.key_event if audit is not None else None,
+    )
+    session = BackendClient.make_session(config.backend)
+    try:
+        backend = BackendClient(config.backend, session)
+        specs = SpecStore(config, backend, on_policy=lambda _p: None)
+        await specs.refresh()
+        ctx = JobContext(
+            backend,
+            keys,
+            make_store(config.backend.envelope_store, backend),
+            lambda: specs.policy,
+            audit,
+        )
+        return await JOBS[kind](ctx, opts, None)
+    finally:
+        await session.close()
+        for c in clients:
+            await c.close()
