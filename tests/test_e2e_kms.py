@@ -13,6 +13,7 @@ other ``test_e2e_*`` KMS modules.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+import requests
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
+from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.loadgen import S3Client
 from proxy import crypto
 from proxy.app import build, start
 from proxy.config import Config
@@ -37,16 +43,28 @@ from tests import kms_servers
 from tests.fakes.azure_kv import FakeKeyVault, TlsMaterial
 from tests.fakes.gcp_kms import FakeGcpKms
 from tests.kms_servers import (
+    ErrorFront,
     MotoServer,
     OpenBaoServer,
     StaticTokenCredential,
     azure_client_kwargs,
     gcp_async_client,
 )
-from tests.servers import BACKEND_AK, BACKEND_SK, ProxyThread, new_keyfile, proxy_config, s3_client
+from tests.servers import (
+    BACKEND_AK,
+    BACKEND_SK,
+    CLIENT_AK,
+    CLIENT_SK,
+    REGION,
+    ProxyThread,
+    new_keyfile,
+    proxy_config,
+    s3_client,
+)
 
 # fixtures from tests/kms_servers.py, bound here so pytest finds them in this module
 moto_server = kms_servers.moto_server
+aws_front = kms_servers.aws_front
 openbao = kms_servers.openbao
 gcp_kms = kms_servers.gcp_kms
 azure_tls = kms_servers.azure_tls
@@ -181,6 +199,49 @@ def proxy(moto_server: MotoServer, target: Target, tmp_path: Path) -> Iterator[P
     config = e2e_config(moto_server.endpoint_url, target.key_uri, tmp_path)
     with ProxyThread(config, kms_clients=target.clients) as p:
         yield p
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(p: ProxyThread) -> Samples:
+    """Every sample of the proxy's ``/metrics``, by (sample name, label set)."""
+    text = requests.get(p.admin + "/metrics", timeout=5).text
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = float(s.value)
+    return out
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``check`` every 20 ms; bounded in time and count."""
+    deadline = time.monotonic() + within
+    for _ in range(int(within / 0.02) + 1):
+        if check():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {within}s")
+
+
+def no_retry_client(p: ProxyThread) -> Any:
+    """A boto3 client through the proxy that makes exactly one attempt per request."""
+    return boto3.client(
+        "s3",
+        endpoint_url=p.endpoint,
+        aws_access_key_id=CLIENT_AK,
+        aws_secret_access_key=CLIENT_SK,
+        region_name=REGION,
+        config=BotoConfig(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "total_max_attempts": 1}
+        ),
+    )
 
 
 def backend_client(moto: MotoServer) -> Any:
@@ -336,17 +397,94 @@ def test_rotation_openbao(openbao: OpenBaoServer, moto_server: MotoServer, tmp_p
         _check_rotation(p, backend_client(moto_server), lambda: openbao.rotate(name), "v1", "v2")
 
 
+def _discard(_: object) -> None:
+    return None
+
+
 def test_rotation_gcp(gcp_kms: FakeGcpKms, moto_server: MotoServer, tmp_path: Path) -> None:
     name = gcp_name()
     gcp_kms.create_key(name)
-    config = e2e_config(
-        moto_server.endpoint_url, gcp_uri(name), tmp_path, cache_ttl=ROTATION_TTL
-    )
+    config = e2e_config(moto_server.endpoint_url, gcp_uri(name), tmp_path, cache_ttl=ROTATION_TTL)
     with ProxyThread(config, kms_clients=gcp_clients(gcp_kms)) as p:
         _check_rotation(
             p,
             backend_client(moto_server),
-            lambda: None if gcp_kms.rotate(name) else None,
+            lambda: _discard(gcp_kms.rotate(name)),
             f"{name}/cryptoKeyVersions/1",
             f"{name}/cryptoKeyVersions/2",
+        )
+
+
+# ---- single-flight through the proxy ----------------------------------------------------
+
+CONCURRENT = 200
+
+
+def test_single_flight_cold_proxy(
+    moto_server: MotoServer, aws_front: ErrorFront, tmp_path: Path
+) -> None:
+    """200 concurrent GETs of cold objects sharing one wrapped data key: one Decrypt.
+
+    The objects are written by one proxy; a second, new proxy (empty caches) reads them
+    through the counting front.  The first Decrypt is held for 0.5 s so that all GETs
+    miss the cache while it is in flight.
+    """
+    uri = "aws-kms://" + moto_server.create_key()
+    bucket = uniq("sf-")
+    bodies = {f"o/{i}": data(2_000 + i, 20) for i in range(CONCURRENT)}
+    writer_cfg = e2e_config(moto_server.endpoint_url, uri, tmp_path)
+    with ProxyThread(writer_cfg, kms_clients=aws_clients(moto_server)) as w:
+        w.client().create_bucket(Bucket=bucket)
+
+        async def write_all() -> None:
+            async with S3Client(w.endpoint, CLIENT_AK, CLIENT_SK, max_connections=32) as s3:
+                sem = asyncio.Semaphore(32)
+
+                async def put(key: str, body: bytes) -> None:
+                    async with sem:
+                        await s3.put_object(bucket, key, body)
+
+                await asyncio.gather(*(put(k, b) for k, b in bodies.items()))
+
+        asyncio.run(write_all())
+    direct = backend_client(moto_server)
+    wrapped = {
+        direct.head_object(Bucket=bucket, Key=k)["Metadata"]["cmek-dk"] for k in list(bodies)[:5]
+    }
+    assert len(wrapped) == 1  # one data key for the bucket in one cache period
+
+    reader_cfg = e2e_config(moto_server.endpoint_url, uri, tmp_path)
+    with ProxyThread(reader_cfg, kms_clients=aws_clients(moto_server, aws_front.endpoint_url)) as r:
+        # start-up: validation (Encrypt + Decrypt) and the first probe (GenerateDataKey +
+        # Decrypt); the probe interval is an hour, so nothing else calls the KMS
+        wait_for(
+            lambda: aws_front.calls["Decrypt"] == 2 and aws_front.calls["GenerateDataKey"] == 1,
+            10,
+            "start-up KMS calls",
+        )
+        before = sample(scrape(r), "cmek_key_cache_misses_total", kind="read")
+        aws_front.inject_hang("Decrypt", 0.5)
+
+        async def read_all() -> dict[str, bytes]:
+            async with S3Client(r.endpoint, CLIENT_AK, CLIENT_SK, max_connections=CONCURRENT) as s3:
+                got = await asyncio.gather(
+                    *(s3.get_object(bucket, k, keep_body=True) for k in bodies)
+                )
+            return {k: body for k, (_, body) in zip(bodies, got, strict=True)}
+
+        assert asyncio.run(read_all()) == bodies
+        assert aws_front.calls["Decrypt"] == 3  # exactly one unwrap for all 200 GETs
+        assert aws_front.calls["Encrypt"] == 1 and aws_front.calls["GenerateDataKey"] == 1
+        after = scrape(r)
+        # the GETs did miss concurrently: single-flight, not the cache, saved the calls
+        assert sample(after, "cmek_key_cache_misses_total", kind="read") - before > 1
+        assert (
+            sample(
+                after,
+                "cmek_kms_request_duration_seconds_count",
+                provider="aws-kms",
+                operation="unwrap",
+                outcome="ok",
+            )
+            == 3
         )

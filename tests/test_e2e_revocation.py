@@ -34,6 +34,7 @@ from tests.test_e2e_kms import (
     gcp_clients,
     gcp_name,
     gcp_uri,
+    no_retry_client,
     uniq,
     vault_clients,
     vault_uri,
@@ -127,7 +128,7 @@ def test_openbao_revoke_and_restore(
     )
     direct = backend_client(moto_server)
     with ProxyThread(config, kms_clients=vault_clients(token)) as p:
-        c = p.client()
+        c = no_retry_client(p)
         bucket = uniq("rev-")
         c.create_bucket(Bucket=bucket)
         for key, body in OBJECTS.items():
@@ -188,7 +189,7 @@ def test_gcp_disable_and_enable(
     )
     direct = backend_client(moto_server)
     with ProxyThread(config, kms_clients=gcp_clients(gcp_kms)) as p:
-        c = p.client()
+        c = no_retry_client(p)
         bucket = uniq("dis-")
         c.create_bucket(Bucket=bucket)
         c.put_object(Bucket=bucket, Key="obj", Body=OBJECTS["mid"])
