@@ -55,16 +55,51 @@ def _with_param(url: str, name: str, value: str) -> str:
 @pytest.fixture(scope="module")
 def signer(proxy: ProxyThread) -> Any:
     """boto3 presigns with SigV2 unless told otherwise; ``signature_version="s3v4"`` is
-    boto3's documented setting for SigV4 presigned URLs, the only kind the proxy accepts."""
+    boto3's documented setting for SigV4 presigned URLs (SigV2 ones are tested on their own)."""
     return proxy.client(signature_version="s3v4")
 
 
-def test_default_sigv2_presigned_url_refused(client: Any, bucket: str) -> None:
-    client.put_object(Bucket=bucket, Key="v2", Body=b"v2 data")
-    url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "v2"})
-    assert "AWSAccessKeyId=" in url and "X-Amz-Signature" not in url
-    r = requests.get(url, timeout=TIMEOUT)
-    assert r.status_code == 403 and _code(r) == "AccessDenied"
+def test_default_sigv2_presigned_get_and_put(client: Any, direct: Any, bucket: str) -> None:
+    """boto3's default presigned URLs (SigV2 query-string auth) work with ``requests``."""
+    data = _data(120_000, 2)
+    put_url = client.generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": "v2/up load+1.bin"}, ExpiresIn=300
+    )
+    assert "AWSAccessKeyId=" in put_url and "X-Amz-" not in put_url
+    r = requests.put(put_url, data=data, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-amz-server-side-encryption"] == "aws:kms"
+    _stored_is_ciphertext(direct, bucket, "v2/up load+1.bin", data)
+    get_url = client.generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": "v2/up load+1.bin"}, ExpiresIn=300
+    )
+    assert "AWSAccessKeyId=" in get_url and "X-Amz-" not in get_url
+    r = requests.get(get_url, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.content == data
+    r = requests.get(get_url, headers={"Range": "bytes=65530-65545"}, timeout=TIMEOUT)
+    assert r.status_code == 206 and r.content == data[65530:65546]
+    overridden = client.generate_presigned_url(
+        "get_object",
+        Params={
+            "Bucket": bucket,
+            "Key": "v2/up load+1.bin",
+            "ResponseContentDisposition": 'attachment; filename="x.bin"',
+        },
+    )
+    r = requests.get(overridden, timeout=TIMEOUT)
+    assert r.content == data
+    assert r.headers["Content-Disposition"] == 'attachment; filename="x.bin"'
+    # The signature binds the key, the method and the expiry.
+    r = requests.get(get_url.replace("/up%20load", "/other"), timeout=TIMEOUT)
+    assert r.status_code == 403 and _code(r) == "SignatureDoesNotMatch"
+    r = requests.put(get_url, data=b"overwrite", timeout=TIMEOUT)
+    assert r.status_code == 403 and _code(r) == "SignatureDoesNotMatch"
+    expires = dict(parse_qsl(urlsplit(get_url).query))["Expires"]
+    r = requests.get(_with_param(get_url, "Expires", str(int(expires) + 1)), timeout=TIMEOUT)
+    assert r.status_code == 403 and _code(r) == "SignatureDoesNotMatch"
+    r = requests.get(_with_param(get_url, "Expires", "1000000000"), timeout=TIMEOUT)
+    assert r.status_code == 403 and _code(r) == "AccessDenied" and b"expired" in r.content
+    assert client.get_object(Bucket=bucket, Key="v2/up load+1.bin")["Body"].read() == data
 
 
 def test_presigned_get(client: Any, signer: Any, direct: Any, bucket: str) -> None:

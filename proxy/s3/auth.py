@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy.errors import S3Error
 from proxy.s3 import checksums
 from proxy.s3.chunked import AwsChunkedDecoder
+from proxy.s3.sigv2 import is_presigned_v2, verify_presigned_v2
 from proxy.s3.sigv4 import (
     Credentials,
     PayloadMode,
@@ -53,8 +54,10 @@ class Authenticator:
         region: str,
         max_skew: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        virtual_host_domain: str | None = None,
     ) -> None:
         self._lookup = lookup
+        self._vhost_suffix = "." + virtual_host_domain.lower() if virtual_host_domain else None
         self._region = region
         self._max_skew = timedelta(seconds=max_skew)
         self._clock = clock
@@ -67,6 +70,12 @@ class Authenticator:
             raw_query=request.rel_url.raw_query_string,
             headers=request.headers,
         )
+        if is_presigned_v2(view):  # boto3's default presigned URLs: SigV2 query auth
+            return VerifiedRequest(
+                verify_presigned_v2(
+                    view, self._lookup, now=self._clock(), bucket_from_host=self._bucket(request)
+                )
+            )
         auth = verify_request(
             view,
             self._lookup,
@@ -76,6 +85,13 @@ class Authenticator:
             key_cache=self._keys,
         )
         return VerifiedRequest(auth)
+
+    def _bucket(self, request: web.Request) -> str | None:
+        """The bucket a virtual-host-style request names in its Host (as the router reads it)."""
+        if self._vhost_suffix is None:
+            return None
+        host = (request.host or "").split(":")[0].lower()
+        return host[: -len(self._vhost_suffix)] if host.endswith(self._vhost_suffix) else None
 
     async def small_body(self, request: web.Request, v: VerifiedRequest, limit: int) -> bytes:
         """Read a small body whole (XML documents), verified like any other."""

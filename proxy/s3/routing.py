@@ -23,12 +23,15 @@ CLIENT_ONLY_PARAMS = frozenset(
         "X-Amz-Security-Token",
         "X-Amz-Content-Sha256",
         "x-id",
+        "AWSAccessKeyId",
+        "Signature",
+        "Expires",
     }
 )
-"""Query parameters that belong to the client's request (presigned-URL authentication, the
-SDKs' ``x-id`` operation hint): verified by the authenticator against the raw request, never
-part of what the request names, never forwarded to the backend (which would check them as
-its own presigned URL)."""
+"""Query parameters that belong to the client's request (SigV4 and SigV2 presigned-URL
+authentication, the SDKs' ``x-id`` operation hint): verified by the authenticator against the
+raw request, never part of what the request names, never forwarded to the backend (which would
+check them as its own presigned URL)."""
 
 
 @dataclass(frozen=True)
