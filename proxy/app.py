@@ -125,7 +125,12 @@ def build(
     backend = BackendClient(config.backend, session)
     objects = ObjectLayer(backend, keys, policy, metrics)
     creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
-    auth = Authenticator(creds.get, region=config.region, max_skew=config.max_clock_skew)
+    auth = Authenticator(
+        creds.get,
+        region=config.region,
+        max_skew=config.max_clock_skew,
+        virtual_host_domain=config.virtual_host_domain,
+    )
     handlers = S3Handlers(objects, backend, auth)
     s3_app = make_s3_app(handlers, metrics, virtual_host_domain=config.virtual_host_domain)
     admin_app = make_admin_app(metrics, keys)

@@ -23,4 +23,4 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"; ruff check proxy tests benchmarks
 echo "== mypy --strict"; mypy
-echo "== pytest"; pytest -q -p no:cacheprovider "$@"
+echo "== pytest"; pytest -q "$@"

@@ -95,7 +95,7 @@ class Authenticator:
 
     async def small_body(self, request: web.Request, v: VerifiedRequest, limit: int) -> bytes:
         """Read a small body whole (XML documents), verified like any other."""
-        body, length = self.plaintext_body(request, v, allow_unknown_length=True)
+        body, _ = self.plaintext_body(request, v, allow_unknown_length=True)
         parts = []
         size = 0
         async for chunk in body:
