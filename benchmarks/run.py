@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", type=_csv(SCENARIOS), default=list(SCENARIOS))
     p.add_argument("--sizes", type=_sizes, help="large-object sizes (default 64MiB,256MiB)")
     p.add_argument("--concurrency", type=_ints, help="small-object concurrencies (1,16,64)")
-    p.add_argument("--duration", type=float, help="seconds per measured timed run (1.0)")
+    p.add_argument("--duration", type=float, help="seconds per measured timed run (0.6)")
     p.add_argument("--repeats", type=int, help="measured repetitions (3)")
     p.add_argument("--targets", type=_csv(TARGETS), default=list(TARGETS))
     p.add_argument("--backends", type=_csv(BACKEND_NAMES), default=list(BACKEND_NAMES))
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--list-objects",
         type=int,
-        help="objects in the listing scenario (10000; 2000 on moto unless given)",
+        help="objects in the listing scenario (10000; 1000 on moto unless given)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes and durations (seconds)")
     p.add_argument("--seed", type=int, default=1)
@@ -127,16 +127,16 @@ def options_from(a: argparse.Namespace) -> Options:
             scenarios=a.scenarios,
             sizes=[64 * MiB, 256 * MiB],
             concurrency=[1, 16, 64],
-            duration=1.0,
+            duration=0.6,
             repeats=3,
-            warmup=0.3,
+            warmup=0.2,
             list_objects=10_000,
-            list_objects_slow=2_000,
+            list_objects_slow=1_000,
             list_page=1000,
             part_size=8 * MiB,
             multipart_size=64 * MiB,
             part_parallel=4,
-            small_keys=1024,
+            small_keys=256,
             seed=a.seed,
         )
     if a.sizes:
