@@ -71,11 +71,18 @@ async def _tags(ctx: JobContext, bucket: str, key: str) -> str | None:
     return urlencode(pairs) if pairs else None
 
 
+_KEEP = TMP_PREFIX + "keep"
+
+
 async def _sweep_tmp(ctx: JobContext, bucket: str) -> int:
+    """Remove what a killed run left; keep a marker so the folder never empties (``rclone
+    serve s3`` removes an emptied folder, racing a concurrent PUT into it)."""
     removed = 0
     async for obj in list_objects(ctx.backend, bucket, TMP_PREFIX, reserved=True):
-        await ctx.backend.call("DELETE", bucket, obj.key, ok=(200, 204, 404))
-        removed += 1
+        if obj.key != _KEEP:
+            await ctx.backend.call("DELETE", bucket, obj.key, ok=(200, 204, 404))
+            removed += 1
+    await ctx.backend.call("PUT", bucket, _KEEP, body=b"")
     return removed
 
 
