@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 
 from proxy import crypto
 from proxy.config import Config
+from proxy.envelopes import sidecar_prefix
 from proxy.jobs.common import TMP_PREFIX, JobOptions, JobProgress
 from proxy.jobs.standalone import run_standalone
 from tests.servers import ProxyThread, Server, new_keyfile, proxy_config, wait_until
@@ -37,6 +39,20 @@ def meta(direct: Any, bucket: str, key: str) -> dict[str, str]:
     return {k.lower(): v for k, v in head["Metadata"].items()}
 
 
+def with_store(config: Config, store: str) -> Config:
+    backend = config.backend.model_copy(update={"envelope_store": store})
+    return config.model_copy(update={"backend": backend})
+
+
+def envelope_of(config: Config, direct: Any, bucket: str, key: str) -> dict[str, str]:
+    """The stored envelope's metadata names (from the object, or its sidecar)."""
+    if config.backend.envelope_store == "metadata":
+        return meta(direct, bucket, key)
+    etag = direct.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + etag)["Body"].read()
+    return {k.lower().removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
+
+
 def stored(direct: Any, bucket: str, key: str) -> bytes:
     data: bytes = direct.get_object(Bucket=bucket, Key=key)["Body"].read()
     return data
@@ -50,10 +66,14 @@ def test_verify_counts_per_key_and_finds_damage(
         client.put_object(Bucket=bucket, Key=f"enc/{i}", Body=os.urandom(size))
     direct.put_object(Bucket=bucket, Key="legacy.txt", Body=b"written before the proxy")
     # damage one object's stored bytes, keeping its envelope
-    envelope = direct.head_object(Bucket=bucket, Key="enc/2")["Metadata"]
+    head = direct.head_object(Bucket=bucket, Key="enc/2")
     body = bytearray(stored(direct, bucket, "enc/2"))
     body[100] ^= 1
-    direct.put_object(Bucket=bucket, Key="enc/2", Body=bytes(body), Metadata=envelope)
+    put = direct.put_object(Bucket=bucket, Key="enc/2", Body=bytes(body), Metadata=head["Metadata"])
+    if proxy.config.backend.envelope_store == "sidecar":  # the envelope is named by the ETag
+        old, new = head["ETag"].strip('"'), put["ETag"].strip('"')
+        side = direct.get_object(Bucket=bucket, Key=sidecar_prefix("enc/2") + old)["Body"].read()
+        direct.put_object(Bucket=bucket, Key=sidecar_prefix("enc/2") + new, Body=side)
 
     prog = run(proxy.config, "verify", bucket, concurrency=3)
     assert prog.outcomes["ok"] == 2
@@ -75,14 +95,16 @@ def _plain_objects(direct: Any, bucket: str, n: int, size: int) -> dict[str, byt
     return objs
 
 
+@pytest.mark.parametrize("store", ["metadata", "sidecar"])
 def test_encrypt_existing_in_place_keeps_properties(
-    backend: Server, direct: Any, keyfile: Path
+    backend: Server, direct: Any, keyfile: Path, store: str
 ) -> None:
     config = proxy_config(
         backend.url,
         keyfile,
         encryption={"default": {"key": f"local://{keyfile}"}, "unencrypted_paths": ["*/cache/**"]},
     )
+    config = with_store(config, store)
     bucket = new_bucket(direct, "encex")
     body = os.urandom(300_000)
     direct.put_object(
@@ -189,13 +211,16 @@ def test_encrypt_existing_killed_halfway_and_rerun(
     assert run(config, "verify", bucket).outcomes["ok"] == len(objs)
 
 
-def test_rewrap_then_the_old_key_is_disabled(backend: Server, direct: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["metadata", "sidecar"])
+def test_rewrap_then_the_old_key_is_disabled(
+    backend: Server, direct: Any, tmp_path: Path, store: str
+) -> None:
     old = new_keyfile(tmp_path / "old.json")
     new = new_keyfile(tmp_path / "new.json")
     old_uri, new_uri = f"local://{old}", f"local://{new}"
     bucket = new_bucket(direct, "rewrap")
     objs = {f"o/{i}": os.urandom(n) for i, n in enumerate((0, 10, 65_536, 300_000))}
-    with ProxyThread(proxy_config(backend.url, old)) as p:
+    with ProxyThread(with_store(proxy_config(backend.url, old), store)) as p:
         c = p.client()
         for k, v in objs.items():
             c.put_object(Bucket=bucket, Key=k, Body=v, Metadata={"n": k}, ContentType="text/x-n")
@@ -213,20 +238,21 @@ def test_rewrap_then_the_old_key_is_disabled(backend: Server, direct: Any, tmp_p
         objs["multi"] = big
     before = {k: stored(direct, bucket, k) for k in objs}
 
-    config = proxy_config(backend.url, old, kms={"providers": []})
+    config = with_store(proxy_config(backend.url, old), store)
     dry = run(config, "rewrap", bucket, target_key=new_uri, dry_run=True)
     assert dry.outcomes["would-rewrap"] == len(objs)
-    assert meta(direct, bucket, "o/1")["cmek-kek"] == old_uri
+    assert envelope_of(config, direct, bucket, "o/1")["cmek-kek"] == old_uri
 
     done = run(config, "rewrap", bucket, target_key=new_uri, concurrency=3)
     assert done.outcomes["rewrapped"] == len(objs), done.to_json()
     for k in objs:
-        assert meta(direct, bucket, k)["cmek-kek"] == new_uri
+        assert envelope_of(config, direct, bucket, k)["cmek-kek"] == new_uri
         assert stored(direct, bucket, k) == before[k], "object data must not be rewritten"
     assert run(config, "rewrap", bucket, target_key=new_uri).outcomes["already"] == len(objs)
 
     old.unlink()  # the old key is gone for good
-    with ProxyThread(proxy_config(backend.url, new)) as p:
+    new_config = with_store(proxy_config(backend.url, new), store)
+    with ProxyThread(new_config) as p:
         c = p.client()
         for k, v in objs.items():
             got = c.get_object(Bucket=bucket, Key=k)
@@ -234,7 +260,7 @@ def test_rewrap_then_the_old_key_is_disabled(backend: Server, direct: Any, tmp_p
             assert got["SSEKMSKeyId"] == new_uri
             if k != "multi":
                 assert got["Metadata"] == {"n": k} and got["ContentType"] == "text/x-n"
-    check = run(proxy_config(backend.url, new), "verify", bucket)
+    check = run(new_config, "verify", bucket)
     assert check.outcomes["ok"] == len(objs)
     assert set(check.by_key) == {k for k in check.by_key if k.startswith(new_uri)}
 
