@@ -23,7 +23,7 @@ from proxy.admin.server import make_admin_app
 from proxy.audit import AuditLog
 from proxy.backend.client import BackendClient
 from proxy.config import Config
-from proxy.envelopes import make_store
+from proxy.envelopes import EnvelopeStore, make_store
 from proxy.errors import KeyConfigError
 from proxy.jobs import JobContext
 from proxy.keys import KeyService
@@ -99,6 +99,7 @@ class Proxy:
     specs: SpecStore | None = None
     audit: AuditLog | None = None
     jobs: JobContext | None = None
+    envelopes: EnvelopeStore | None = None
 
 
 def build(
@@ -123,7 +124,8 @@ def build(
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
     backend = BackendClient(config.backend, session)
-    objects = ObjectLayer(backend, keys, policy, metrics)
+    envelopes = make_store(config.backend.envelope_store, backend)
+    objects = ObjectLayer(backend, keys, policy, metrics, envelopes)
     creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
     auth = Authenticator(
         creds.get,
@@ -174,7 +176,7 @@ def build(
     jobs = JobContext(
         backend,
         keys,
-        make_store(config.backend.envelope_store, backend),
+        envelopes,
         lambda: specs.policy,
         audit,
     )
@@ -196,7 +198,7 @@ def build(
                 await api.close()
 
     s3_app.cleanup_ctx.append(spec_store)
-    return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs)
+    return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
 
 
 def _location_for(config: Config, uri: str) -> str | None:

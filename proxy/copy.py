@@ -25,6 +25,7 @@ from proxy.multipart import MultipartLayer
 from proxy.objects import (
     READ_CHUNK,
     ObjectLayer,
+    backend_etag,
     check_preconditions,
     client_etag,
     client_storable_headers,
@@ -119,7 +120,7 @@ class CopyLayer:
                 400,
             )
         head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
-        env = self.objects.envelope(head.headers)
+        env = await self.objects.envelope(src.bucket, src.key, head.headers)
         if check_preconditions(cond, self.objects.response_headers(head.headers, env)) == 304:
             raise precondition_failed("x-amz-copy-source-If-None-Match/If-Modified-Since")
         decision = self.objects.decide_write(bucket, key)
@@ -170,7 +171,7 @@ class CopyLayer:
             multipart=env.multipart,
             checksum=checksum,
         )
-        meta = {**meta, **crypto.to_metadata(new_env)}
+        meta = {**meta, **self.objects.envelopes.put_headers(new_env)}
         src_etag = src_headers.get("etag", "")
         stored_size = int(src_headers.get("content-length", "0"))
         if stored_size <= MAX_SINGLE_COPY:
@@ -182,24 +183,27 @@ class CopyLayer:
             }
             _, data = await self.backend.call("PUT", bucket, key, headers=hdrs)
             raise_embedded_error(data)
-            etag, modified = find_text(data, "ETag"), find_text(data, "LastModified")
-            if etag and modified:
-                return client_etag(etag, True), modified
-            head, _ = await self.backend.call("HEAD", bucket, key)
-            return client_etag(head.headers.get("etag"), True), iso_time(
-                head.headers.get("last-modified")
-            )
+            etag: str | None = find_text(data, "ETag")
+            modified = find_text(data, "LastModified")
+            if not (etag and modified):
+                head, _ = await self.backend.call("HEAD", bucket, key)
+                etag = head.headers.get("etag")
+                modified = iso_time(head.headers.get("last-modified"))
+            await self.objects.commit_envelope(bucket, key, new_env, etag)
+            return client_etag(etag, True), modified
+        done = None
         if not self.no_part_copy:
             done = await self._multipart_copy(src, bucket, key, meta, src_etag, stored_size)
-            if done is not None:
-                return done
-            # The backend took UploadPartCopy for an empty UploadPart (rclone), and some
-            # backends cannot replace a streamed part: start again, streaming the bytes.
-            self.no_part_copy = True
-        done = await self._multipart_copy(
-            src, bucket, key, meta, src_etag, stored_size, stream=True
-        )
+            if done is None:
+                # The backend took UploadPartCopy for an empty UploadPart (rclone), and some
+                # backends cannot replace a streamed part: start again, streaming the bytes.
+                self.no_part_copy = True
+        if done is None:
+            done = await self._multipart_copy(
+                src, bucket, key, meta, src_etag, stored_size, stream=True
+            )
         assert done is not None
+        await self.objects.commit_envelope(bucket, key, new_env, backend_etag(done[0] or ""))
         return done
 
     async def _multipart_copy(

@@ -31,11 +31,11 @@ import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Final, Literal, Protocol
-from xml.etree import ElementTree
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError
+from proxy.xmldoc import parse_backend
 
 SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
 _CACHE_ENTRIES: Final = 50_000
@@ -130,6 +130,10 @@ class SidecarEnvelopes:
     def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
         return {}
 
+    def clear_cache(self) -> None:
+        """Forget every cached envelope (tests; an operator tool after restoring a backup)."""
+        self._cache.clear()
+
     def _remember(self, ck: tuple[str, str, str], env: crypto.Envelope | None) -> None:
         self._cache[ck] = env
         self._cache.move_to_end(ck)
@@ -197,8 +201,7 @@ class SidecarEnvelopes:
         _, body = await self._backend.call(
             "GET", bucket, query=(("list-type", "2"), ("prefix", prefix))
         )
-        root = ElementTree.fromstring(body)
-        for el in root.iter():
+        for el in parse_backend(body).iter():
             if el.tag.endswith("Key") and el.text and el.text.startswith(prefix):
                 await self._backend.call("DELETE", bucket, el.text, ok=(200, 204, 404))
         for ck in [ck for ck in self._cache if ck[0] == bucket and ck[1] == key]:

@@ -58,7 +58,8 @@ class DenialKind(Enum):
     """Why a KMS refused: maps to the S3 errors SSE-KMS clients know."""
 
     DISABLED = "disabled"  # KMS.DisabledException, 400
-    INVALID_STATE = "invalid_state"  # KMS.KMSInvalidStateException, 400 (destroyed, pending deletion)
+    # KMS.KMSInvalidStateException, 400 (destroyed, pending deletion)
+    INVALID_STATE = "invalid_state"
     ACCESS_DENIED = "access_denied"  # AccessDenied, 403 (permission removed)
 
 

@@ -267,7 +267,7 @@ class MultipartLayer:
                 sealed_object_key=sealed,
                 multipart=True,
             )
-            out.update(crypto.to_metadata(env))
+            out.update(self.objects.envelopes.put_headers(env))
             resp_headers.update(sse_headers(decision.key_uri))
         elif alg is not None:
             out["x-amz-checksum-algorithm"] = alg.value
@@ -427,9 +427,16 @@ class MultipartLayer:
         )
         env = state.envelope
         if not aligned:
+            if self.objects.envelopes.kind == "sidecar":
+                await self.objects.commit_envelope(bucket, key, env, None)  # to read it back
             await realign(
                 self.objects, bucket, key, env, [stored[p.number] for p in parts], checksum
             )
+        elif self.objects.envelopes.kind == "sidecar":
+            if checksum is not None:
+                object_key = await self.objects.object_key_for(bucket, key, env)
+                env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
+            await self.objects.commit_envelope(bucket, key, env, None)
         elif (
             checksum is not None and sum(crypto.ciphertext_size(s) for s in sizes) <= MAX_COPY_SIZE
         ):
@@ -453,10 +460,12 @@ class MultipartLayer:
         head, _ = await self.backend.call("HEAD", bucket, key)
         object_key = await self.objects.object_key_for(bucket, key, env)
         new_env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
-        meta = storable_headers(head.headers)
-        meta.update(crypto.to_metadata(new_env))
-        await self.objects.replace_metadata(
-            bucket, key, meta, client_etag(head.headers.get("etag"), True) or ""
+        await self.objects.update_envelope(
+            bucket,
+            key,
+            storable_headers(head.headers),
+            new_env,
+            client_etag(head.headers.get("etag"), True) or "",
         )
 
 

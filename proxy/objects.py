@@ -10,8 +10,9 @@ beyond raising ``S3Error``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 from urllib.parse import quote
@@ -22,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
 from proxy.checksum_store import StoredChecksum, open_checksum, seal_checksum
+from proxy.envelopes import EnvelopeStore, MetadataEnvelopes
 from proxy.errors import FormatError, IntegrityError, S3Error
 from proxy.keys import KeyService
 from proxy.metrics import Metrics
@@ -186,12 +188,18 @@ class _BodyFailure:
 
 class ObjectLayer:
     def __init__(
-        self, backend: BackendClient, keys: KeyService, policy: Policy, metrics: Metrics
+        self,
+        backend: BackendClient,
+        keys: KeyService,
+        policy: Policy,
+        metrics: Metrics,
+        envelopes: EnvelopeStore | None = None,
     ) -> None:
         self.backend = backend
         self.keys = keys
         self.policy = policy
         self.metrics = metrics
+        self.envelopes: EnvelopeStore = envelopes or MetadataEnvelopes()
 
     # ------------------------------------------------------------------ PUT
     async def put_object(
@@ -243,25 +251,61 @@ class ObjectLayer:
             multipart=False,
             checksum=sealed_ck,
         )
-        encrypted_body = self.encrypt_stream(object_key, body, length)
+        trailer = declared if declared is not None and declared.in_trailer else None
+
+        def final_envelope() -> crypto.Envelope:
+            """The envelope with a trailer checksum, known once the body has verified."""
+            value = verified_checksums().get(trailer.header) if trailer is not None else None
+            if trailer is None or value is None:
+                return env
+            ck = StoredChecksum(trailer.algorithm, value)
+            return replace(env, checksum=seal_checksum(object_key, bucket, key, ck))
+
+        async def before_final(stored_md5: str) -> None:
+            await self.envelopes.before_commit(bucket, key, final_envelope(), stored_md5)
+
+        encrypted_body = self.encrypt_stream(
+            object_key,
+            body,
+            length,
+            before_final=before_final if self.envelopes.needs_stored_md5 else None,
+        )
         res = await self.send_put(
             bucket,
             key,
-            {**out_headers, **crypto.to_metadata(env)},
+            {**out_headers, **self.envelopes.put_headers(env)},
             encrypted_body,
             crypto.ciphertext_size(length),
             encrypted=True,
         )
-        if declared is not None and declared.in_trailer:
-            value = verified_checksums().get(declared.header)
-            if value is not None and res.etag is not None:
-                ck = StoredChecksum(declared.algorithm, value)
-                env = replace(env, checksum=seal_checksum(object_key, bucket, key, ck))
-                await self.replace_metadata(
-                    bucket, key, {**out_headers, **crypto.to_metadata(env)}, res.etag
-                )
+        if trailer is not None and not self.envelopes.needs_stored_md5 and res.etag is not None:
+            done = final_envelope()
+            if done is not env:
+                await self.update_envelope(bucket, key, out_headers, done, res.etag)
         res.headers.update(sse_headers(decision.key_uri))
         return res
+
+    async def update_envelope(
+        self,
+        bucket: str,
+        key: str,
+        metadata: Mapping[str, str],
+        env: crypto.Envelope,
+        client_etag_value: str,
+    ) -> None:
+        """Store a changed envelope of an unchanged body (e.g. with a checksum added)."""
+        if self.envelopes.kind == "sidecar":
+            await self.envelopes.after_commit(bucket, key, env, backend_etag(client_etag_value))
+            return
+        await self.replace_metadata(
+            bucket, key, {**metadata, **self.envelopes.put_headers(env)}, client_etag_value
+        )
+
+    async def commit_envelope(
+        self, bucket: str, key: str, env: crypto.Envelope, etag: str | None
+    ) -> None:
+        """After a multipart completion or a copy: the envelope of the object now stored."""
+        await self.envelopes.after_commit(bucket, key, env, etag)
 
     async def replace_metadata(
         self, bucket: str, key: str, metadata: Mapping[str, str], client_etag_value: str
@@ -285,9 +329,21 @@ class ObjectLayer:
 
     @staticmethod
     async def encrypt_stream(
-        object_key: bytes, body: AsyncIterator[bytes], length: int, part: int = 0
+        object_key: bytes,
+        body: AsyncIterator[bytes],
+        length: int,
+        part: int = 0,
+        *,
+        before_final: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncIterator[bytes]:
+        """Encrypt a verified plaintext stream; the final segment leaves last.
+
+        ``before_final`` (sidecar envelopes) is given the MD5 of the whole stored body -
+        the backend's ETag-to-be - and runs before the final segment is released, so the
+        object can never be stored without its envelope.
+        """
         enc = crypto.StreamEncryptor(object_key, part)
+        md5 = hashlib.md5(usedforsecurity=False) if before_final is not None else None
         seen = 0
         async for chunk in body:
             seen += len(chunk)
@@ -295,6 +351,8 @@ class ObjectLayer:
                 raise S3Error("IncompleteBody", "the body is longer than its declared length", 400)
             out = enc.update(chunk)
             if out:
+                if md5 is not None:
+                    md5.update(out)
                 yield out
         if seen != length:
             raise S3Error(
@@ -304,7 +362,11 @@ class ObjectLayer:
                 400,
             )
         # The final segment leaves only now: after the caller's iterator verified the body.
-        yield enc.finalize()
+        last = enc.finalize()
+        if md5 is not None and before_final is not None:
+            md5.update(last)
+            await before_final(md5.hexdigest())
+        yield last
 
     async def send_put(
         self,
@@ -370,7 +432,7 @@ class ObjectLayer:
         resp, _ = await self.backend.call(
             "HEAD", bucket, key, query=query, headers=backend_conditions(cond), ok=(200, 304)
         )
-        env = self.envelope(resp.headers)
+        env = await self.envelope(bucket, key, resp.headers)
         size = int(resp.headers.get("content-length", "0"))
         headers = self.response_headers(resp.headers, env)
         if resp.status == 304 or check_preconditions(cond, headers) == 304:
@@ -380,8 +442,8 @@ class ObjectLayer:
             if checksum_mode and env.checksum is not None:
                 object_key = await self.object_key_for(bucket, key, env)
                 headers.update(self._checksum_headers(bucket, key, object_key, env))
-        elif self.policy.strict and self.policy.may_be_encrypted(bucket, key):
-            raise _strict_refusal()
+        else:
+            self._check_legacy(bucket, key, size)
         return GetResult(resp.status, headers, None, size)
 
     async def get_object(
@@ -443,7 +505,7 @@ class ObjectLayer:
                 )
             if resp.status not in (200, 206):
                 raise parse_error(resp.status, await resp.read())
-            env = self.envelope(resp.headers)
+            env = await self.envelope(bucket, key, resp.headers)
             if check_preconditions(cond, self.response_headers(resp.headers, env)) == 304:
                 return GetResult(304, self.response_headers(resp.headers, env), None, 0)
             if rng is not None and _is_partial(resp) and (env is not None) != guess_encrypted:
@@ -469,7 +531,7 @@ class ObjectLayer:
         """The client's range as first-last for the object's real size, or InvalidRange."""
         head, _ = await self.backend.call("HEAD", bucket, key, query=query)
         size = int(head.headers.get("content-length", "0"))
-        if self.envelope(head.headers) is not None:
+        if await self.envelope(bucket, key, head.headers) is not None:
             size = self.plaintext_size(size)
         start, end = rng.resolve(size)
         if rng.first is not None and rng.last is not None and (start, end) == (rng.first, rng.last):
@@ -480,8 +542,7 @@ class ObjectLayer:
         self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
     ) -> GetResult:
         legacy = self.policy.may_be_encrypted(bucket, key)
-        if legacy and self.policy.strict:
-            raise _strict_refusal()
+        self._check_legacy(bucket, key, _stored_extent(resp)[0])
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
         headers = self.response_headers(resp.headers, None)
         passed = (
@@ -617,12 +678,38 @@ class ObjectLayer:
             self.metrics.integrity_failures.inc()
             raise
 
-    def envelope(self, headers: Mapping[str, str]) -> crypto.Envelope | None:
+    async def envelope(
+        self, bucket: str, key: str, headers: Mapping[str, str]
+    ) -> crypto.Envelope | None:
         try:
-            return crypto.from_metadata(headers)
+            return await self.envelopes.read(bucket, key, headers)
         except FormatError:
             self.metrics.integrity_failures.inc()
             raise
+
+    def _check_legacy(self, bucket: str, key: str, stored_size: int) -> None:
+        """May an object without an envelope be served as stored?
+
+        Strict mode says no on encrypted paths. With sidecar envelopes an object on an
+        encrypted path whose envelope is missing cannot be told from a legacy plaintext
+        object unless its size is one no v1 object can have, so it is refused too: serving
+        ciphertext as if it were plaintext would be silent corruption.
+        """
+        if not self.policy.may_be_encrypted(bucket, key):
+            return
+        if self.policy.strict:
+            raise _strict_refusal()
+        if self.envelopes.kind == "sidecar":
+            try:
+                crypto.plaintext_size(stored_size)
+            except FormatError:
+                return  # cannot be ours: stored as sent
+            raise S3Error(
+                "InternalError",
+                "no envelope was found for this object on an encrypted path; it is not "
+                "served (see envelope_store: sidecar)",
+                500,
+            )
 
     def plaintext_size(self, stored: int) -> int:
         try:

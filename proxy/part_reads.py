@@ -55,7 +55,7 @@ class PartReader:
             )
         number = int(part_number)
         resp, _ = await self.backend.call("HEAD", bucket, key, query=query)
-        env = self.objects.envelope(resp.headers)
+        env = await self.objects.envelope(bucket, key, resp.headers)
         if env is None:  # stored as sent: the backend serves its own parts
             full = (*query, ("partNumber", part_number))
             if head:

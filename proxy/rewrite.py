@@ -155,7 +155,7 @@ async def _write_multipart(
             multipart=True,
             checksum=seal_checksum(object_key, bucket, key, checksum) if checksum else None,
         )
-        meta.update(crypto.to_metadata(env))
+        meta.update(objects.envelopes.put_headers(env))
     _, data = await objects.backend.call(
         "POST", bucket, key, query=(("uploads", ""),), headers=meta
     )
@@ -201,4 +201,6 @@ async def _write_multipart(
         raise
     raise_embedded_error(data)
     head, _ = await objects.backend.call("HEAD", bucket, key)
+    if decision.encrypt:
+        await objects.commit_envelope(bucket, key, env, head.headers.get("etag"))
     return client_etag(head.headers.get("etag"), decision.encrypt)

@@ -13,6 +13,7 @@ from tests.servers import (
     BACKEND_SK,
     ProxyThread,
     Server,
+    envelope_store,
     moto_server,
     new_keyfile,
     proxy_config,
@@ -53,7 +54,9 @@ def keyfile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def proxy(backend: Server, keyfile: Path) -> Iterator[ProxyThread]:
-    with ProxyThread(proxy_config(backend.url, keyfile)) as p:
+    with ProxyThread(
+        proxy_config(backend.url, keyfile, envelope_store=envelope_store(backend))
+    ) as p:
         yield p
 
 

@@ -121,8 +121,19 @@ def rclone_server(root: Path, logdir: Path) -> Iterator[Server]:
     root.mkdir(parents=True, exist_ok=True)
     server = start_process(
         "rclone",
-        [rclone_binary(), "serve", "s3", "--metadata", "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{BACKEND_AK},{BACKEND_SK}", "--config", "/dev/null", str(root)],
+        [
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--metadata",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{BACKEND_AK},{BACKEND_SK}",
+            "--config",
+            "/dev/null",
+            str(root),
+        ],
         f"http://127.0.0.1:{port}",
         logdir,
     )
@@ -144,7 +155,14 @@ def s3_client(endpoint: str, ak: str, sk: str, **cfg: Any) -> Any:
     )
 
 
-def proxy_config(backend_url: str, keyfile: Path, **overrides: Any) -> Config:
+def envelope_store(backend: Server) -> str:
+    """rclone serve s3 keeps user metadata in memory only, so it gets sidecar envelopes."""
+    return "sidecar" if backend.name == "rclone" else "metadata"
+
+
+def proxy_config(
+    backend_url: str, keyfile: Path, *, envelope_store: str = "metadata", **overrides: Any
+) -> Config:
     tree: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
@@ -155,6 +173,7 @@ def proxy_config(backend_url: str, keyfile: Path, **overrides: Any) -> Config:
             "region": REGION,
             "access_key": BACKEND_AK,
             "secret_key": BACKEND_SK,
+            "envelope_store": envelope_store,
         },
         "encryption": {"default": {"key": f"local://{keyfile}"}},
     }

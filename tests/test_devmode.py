@@ -1,4 +1,4 @@
-"""`cmek-proxy dev` from a clean directory: nothing to configure, restartable, ciphertext on disk."""
+"""`cmek-proxy dev` from a clean directory: nothing to configure, restartable, ciphertext stored."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    wait_until(lambda: (data_dir / "dev.env").exists() and http_ok(f"http://127.0.0.1:{port}/"),
-               60, "cmek-proxy dev")
+    wait_until(
+        lambda: (data_dir / "dev.env").exists() and http_ok(f"http://127.0.0.1:{port}/"),
+        60,
+        "cmek-proxy dev",
+    )
     return proc
 
 
@@ -62,8 +65,13 @@ def test_dev_mode_round_trip_restart_and_cleanup(tmp_path: Path) -> None:
     proc = _start(data_dir, port)
     try:
         env = _env(data_dir)
-        assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                            "AWS_DEFAULT_REGION", "CMEK_ADMIN_URL"}
+        assert set(env) >= {
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "CMEK_ADMIN_URL",
+        }
         assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
         assert stat.S_IMODE(os.stat(data_dir / "keys.json").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data_dir / "dev.env").st_mode) == 0o600

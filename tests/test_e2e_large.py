@@ -44,23 +44,32 @@ def test_100_mib_round_trip(client: Any, direct: Any, bucket: str) -> None:
 
 
 @pytest.fixture
-def proxy_process(rclone_backend: Server, keyfile: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
+def proxy_process(
+    rclone_backend: Server, keyfile: Path, tmp_path: Path
+) -> Iterator[tuple[str, int]]:
     port, admin = free_port(), free_port()
     cfg = {
         "listen": {"host": "127.0.0.1", "port": port},
         "admin": {"host": "127.0.0.1", "port": admin},
         "region": REGION,
         "clients": [{"access_key": CLIENT_AK, "secret_key": CLIENT_SK}],
-        "backend": {"endpoint": rclone_backend.url, "region": REGION,
-                    "access_key": BACKEND_AK, "secret_key": BACKEND_SK,
-                    "envelope_store": "sidecar"},
+        "backend": {
+            "endpoint": rclone_backend.url,
+            "region": REGION,
+            "access_key": BACKEND_AK,
+            "secret_key": BACKEND_SK,
+            "envelope_store": "sidecar",
+        },
         "encryption": {"default": {"key": f"local://{keyfile}"}},
     }
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp_path / "proxy.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/healthz"), 60, "proxy process")
         yield f"http://127.0.0.1:{port}", proc.pid
@@ -88,13 +97,24 @@ async def _stream(total: int, chunk: int = MiB) -> AsyncIterator[bytes]:
 
 def _signed(method: str, url: str, extra: dict[str, str]) -> dict[str, str]:
     headers = dict(extra)
-    headers.update(sign_headers(method, url, headers, "UNSIGNED-PAYLOAD",
-                                Credentials(CLIENT_AK, CLIENT_SK), REGION, now=datetime.now(UTC)))
+    headers.update(
+        sign_headers(
+            method,
+            url,
+            headers,
+            "UNSIGNED-PAYLOAD",
+            Credentials(CLIENT_AK, CLIENT_SK),
+            REGION,
+            now=datetime.now(UTC),
+        )
+    )
     return headers
 
 
 @pytest.mark.slow
-def test_1_gib_streams_with_bounded_memory(proxy_process: tuple[str, int], rclone_backend: Server) -> None:
+def test_1_gib_streams_with_bounded_memory(
+    proxy_process: tuple[str, int], rclone_backend: Server
+) -> None:
     endpoint, pid = proxy_process
     total = 1024 * MiB
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -10,10 +11,22 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from proxy import crypto
+from proxy.envelopes import sidecar_prefix
 
 S = crypto.SEGMENT_SIZE
 STORED = crypto.STORED_SEGMENT_SIZE
 FAILURES = (ClientError, BotoCoreError, Urllib3Error, ConnectionError)
+SIDECAR = False  # set per test by the autouse fixture below
+
+
+CLEAR_CACHE: Any = None
+
+
+@pytest.fixture(autouse=True)
+def _envelope_mode(proxy: Any) -> None:
+    global SIDECAR, CLEAR_CACHE
+    SIDECAR = proxy.config.backend.envelope_store == "sidecar"
+    CLEAR_CACHE = proxy.proxy.envelopes.clear_cache if SIDECAR else None
 
 
 def _data(n: int, seed: int) -> bytes:
@@ -21,12 +34,27 @@ def _data(n: int, seed: int) -> bytes:
 
 
 def _stored(direct: Any, bucket: str, key: str) -> tuple[bytes, dict[str, str], str]:
+    """The stored body and envelope (short metadata names), wherever the envelope lives."""
     got = direct.get_object(Bucket=bucket, Key=key)
-    return got["Body"].read(), dict(got["Metadata"]), got.get("ContentType", "")
+    body = got["Body"].read()
+    meta = {k.lower(): v for k, v in got["Metadata"].items()}
+    if SIDECAR and not any(k.startswith("cmek-") for k in meta):
+        etag = got["ETag"].strip('"')
+        side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + etag)["Body"].read()
+        meta = {k.removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
+    return body, meta, got.get("ContentType", "")
 
 
 def _replace(direct: Any, bucket: str, key: str, body: bytes, meta: dict[str, str]) -> None:
-    direct.put_object(Bucket=bucket, Key=key, Body=body, Metadata=meta)
+    """What a hostile backend operator can do: any body, any envelope, under any name."""
+    if not SIDECAR:
+        direct.put_object(Bucket=bucket, Key=key, Body=body, Metadata=meta)
+        return
+    direct.put_object(Bucket=bucket, Key=key, Body=body)
+    side = json.dumps({f"x-amz-meta-{k}": v for k, v in meta.items()}).encode()
+    etag = hashlib.md5(body).hexdigest()
+    direct.put_object(Bucket=bucket, Key=sidecar_prefix(key) + etag, Body=side)
+    CLEAR_CACHE()  # envelopes are immutable per ETag, so the proxy caches them for good
 
 
 def _read_fails(client: Any, bucket: str, key: str, original: bytes, **kw: Any) -> None:
@@ -48,16 +76,24 @@ def victim(client: Any, direct: Any, bucket: str) -> tuple[str, bytes, bytes, di
 
 # Offsets inside a stored segment: header fields, ciphertext, tag.
 REGIONS = {
-    "version": 0, "flags": 1, "part": 2, "index": 4, "random": 10,
-    "ciphertext": 16 + 500, "tag": STORED - 1,
+    "version": 0,
+    "flags": 1,
+    "part": 2,
+    "index": 4,
+    "random": 10,
+    "ciphertext": 16 + 500,
+    "tag": STORED - 1,
 }
 
 
 @pytest.mark.parametrize("segment", [0, 1, 3])
 @pytest.mark.parametrize("region", sorted(REGIONS))
 def test_flipped_bit_in_body(
-    client: Any, direct: Any, victim: tuple[str, bytes, bytes, dict[str, str]],
-    segment: int, region: str,
+    client: Any,
+    direct: Any,
+    victim: tuple[str, bytes, bytes, dict[str, str]],
+    segment: int,
+    region: str,
 ) -> None:
     bucket, data, body, meta = victim
     offset = segment * STORED + REGIONS[region]
@@ -120,9 +156,7 @@ def test_segments_swapped_or_duplicated(
     _read_fails(client, bucket, "victim", data, Range=f"bytes={S}-{S + 9}")
 
 
-def test_bodies_and_metadata_swapped_between_objects(
-    client: Any, direct: Any, bucket: str
-) -> None:
+def test_bodies_and_metadata_swapped_between_objects(client: Any, direct: Any, bucket: str) -> None:
     a, b = _data(2 * S + 1, 2), _data(2 * S + 1, 3)
     client.put_object(Bucket=bucket, Key="a", Body=a)
     client.put_object(Bucket=bucket, Key="b", Body=b)

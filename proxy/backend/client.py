@@ -14,14 +14,14 @@ from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
-from xml.etree import ElementTree
 
 import aiohttp
 from yarl import URL
 
 from proxy.config import Backend as BackendConfig
-from proxy.errors import S3Error
+from proxy.errors import FormatError, S3Error
 from proxy.s3.sigv4 import Credentials, SigningKeyCache, sign_headers
+from proxy.xmldoc import child_text, parse_backend
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -59,10 +59,10 @@ def parse_error(status: int, body: bytes) -> S3Error:
     code, message = "", ""
     if body:
         try:
-            root = ElementTree.fromstring(body)
-            code = root.findtext("Code") or ""
-            message = root.findtext("Message") or ""
-        except ElementTree.ParseError:
+            root = parse_backend(body)
+            code = child_text(root, "Code")
+            message = child_text(root, "Message")
+        except FormatError:
             pass
     if not code:
         code = {

@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.errors import DenialKind, IntegrityError, KeyConfigError, KeyUnavailableError
-from proxy.kms.base import DataKey, Kek, WrappedKey, Context, generate_by_wrapping
+from proxy.kms.base import Context, DataKey, Kek, WrappedKey, generate_by_wrapping
 
 PREFIX = "local://"
 _BLOB_MAGIC = b"LK1"

@@ -178,7 +178,10 @@ class S3Handlers:
         if m == "HEAD" and not _has_unknown(t, ("versionId", "partNumber")):
             return await self._get(request, t, head=True)
         if m == "DELETE" and not _has_unknown(t, ("versionId",)):
-            return await self._passthrough(request, t, v)
+            resp = await self._passthrough(request, t, v)
+            if not t.has("versionId"):
+                await self.objects.envelopes.forget(t.bucket, t.key)
+            return resp
         raise S3Error("NotImplemented", "This object operation is not supported yet", 501)
 
     async def _put(self, request: web.Request, t: Target, v: VerifiedRequest) -> web.StreamResponse:

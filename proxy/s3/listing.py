@@ -16,6 +16,7 @@ from proxy.errors import FormatError
 from proxy.objects import client_etag
 from proxy.policy import Policy
 from proxy.s3.routing import RESERVED_PREFIX
+from proxy.xmldoc import parse_backend
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _Q = f"{{{S3_NS}}}"
@@ -33,7 +34,7 @@ def _children(el: ElementTree.Element, name: str) -> list[ElementTree.Element]:
 
 def rewrite_listing(body: bytes, bucket: str, policy: Policy, url_encoded: bool) -> bytes:
     """Rewrite a ListObjects / ListObjectsV2 / ListObjectVersions result."""
-    root = ElementTree.fromstring(body)
+    root = parse_backend(body)
     removed = 0
     for tag in ("Contents", "Version"):
         for entry in _children(root, tag):
