@@ -124,7 +124,7 @@ def build(
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
     backend = BackendClient(config.backend, session)
-    envelopes = make_store(config.backend.envelope_store, backend)
+    envelopes = make_store(config.backend.envelope_store, backend, config.kms.cache_ttl)
     objects = ObjectLayer(backend, keys, policy, metrics, envelopes)
     creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
     auth = Authenticator(

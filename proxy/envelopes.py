@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Literal, Protocol
 
 from proxy import crypto
@@ -83,6 +84,10 @@ class EnvelopeStore(Protocol):
         """The object was deleted: drop its envelopes where that means anything."""
         ...
 
+    def invalidate(self, bucket: str, key: str) -> None:
+        """Forget what is cached about one object's envelope."""
+        ...
+
 
 class MetadataEnvelopes:
     """Envelopes in the object's own user metadata."""
@@ -111,6 +116,9 @@ class MetadataEnvelopes:
     async def forget(self, bucket: str, key: str) -> None:
         return None
 
+    def invalidate(self, bucket: str, key: str) -> None:
+        return None
+
 
 def sidecar_prefix(key: str) -> str:
     return SIDECAR_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest() + "/"
@@ -122,10 +130,22 @@ class SidecarEnvelopes:
     kind: StoreKind = "sidecar"
     needs_stored_md5 = True
 
-    def __init__(self, backend: BackendClient, cache_entries: int = _CACHE_ENTRIES) -> None:
+    def __init__(
+        self,
+        backend: BackendClient,
+        cache_entries: int = _CACHE_ENTRIES,
+        cache_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._backend = backend
-        self._cache: OrderedDict[tuple[str, str, str], crypto.Envelope | None] = OrderedDict()
+        # (bucket, key, etag) -> envelope and the time it was read. Bounded in size and
+        # age: a rewrap replaces the envelope of an unchanged body (same ETag).
+        self._cache: OrderedDict[tuple[str, str, str], tuple[crypto.Envelope, float]] = (
+            OrderedDict()
+        )
         self._max = cache_entries
+        self._ttl = cache_ttl
+        self._clock = clock
 
     def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
         return {}
@@ -134,8 +154,13 @@ class SidecarEnvelopes:
         """Forget every cached envelope (tests; an operator tool after restoring a backup)."""
         self._cache.clear()
 
-    def _remember(self, ck: tuple[str, str, str], env: crypto.Envelope | None) -> None:
-        self._cache[ck] = env
+    def invalidate(self, bucket: str, key: str) -> None:
+        """Drop cached envelopes of one object (its key was denied or did not open)."""
+        for ck in [ck for ck in self._cache if ck[0] == bucket and ck[1] == key]:
+            del self._cache[ck]
+
+    def _remember(self, ck: tuple[str, str, str], env: crypto.Envelope) -> None:
+        self._cache[ck] = (env, self._clock())
         self._cache.move_to_end(ck)
         while len(self._cache) > self._max:
             self._cache.popitem(last=False)
@@ -174,9 +199,10 @@ class SidecarEnvelopes:
         if etag is None:
             return None
         ck = (bucket, key, etag)
-        if ck in self._cache:
+        hit = self._cache.get(ck)
+        if hit is not None and self._clock() - hit[1] < self._ttl:
             self._cache.move_to_end(ck)
-            return self._cache[ck]
+            return hit[0]
         resp = await self._backend.request("GET", bucket, sidecar_prefix(key) + etag)
         try:
             data = await resp.read()
@@ -193,6 +219,8 @@ class SidecarEnvelopes:
         except ValueError as exc:
             raise FormatError("envelope sidecar is not valid JSON") from exc
         env = crypto.from_metadata({str(k): str(v) for k, v in meta.items()})
+        if env is None:
+            raise FormatError("envelope sidecar holds no envelope")
         self._remember(ck, env)
         return env
 
@@ -204,11 +232,10 @@ class SidecarEnvelopes:
         for el in parse_backend(body).iter():
             if el.tag.endswith("Key") and el.text and el.text.startswith(prefix):
                 await self._backend.call("DELETE", bucket, el.text, ok=(200, 204, 404))
-        for ck in [ck for ck in self._cache if ck[0] == bucket and ck[1] == key]:
-            del self._cache[ck]
+        self.invalidate(bucket, key)
 
 
-def make_store(kind: StoreKind, backend: BackendClient) -> EnvelopeStore:
+def make_store(kind: StoreKind, backend: BackendClient, cache_ttl: float = 300.0) -> EnvelopeStore:
     if kind == "sidecar":
-        return SidecarEnvelopes(backend)
+        return SidecarEnvelopes(backend, cache_ttl=cache_ttl)
     return MetadataEnvelopes()

@@ -24,7 +24,7 @@ from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
 from proxy.checksum_store import StoredChecksum, open_checksum, seal_checksum
 from proxy.envelopes import EnvelopeStore, MetadataEnvelopes
-from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.errors import FormatError, IntegrityError, KeyUnavailableError, S3Error
 from proxy.keys import KeyService
 from proxy.metrics import Metrics
 from proxy.policy import Decision, Policy
@@ -35,6 +35,7 @@ from proxy.ranges import (
     backend_etag,
     check_preconditions,
     client_etag,
+    http_time,
     invalid_range,
     parse_range,
     precondition_failed,
@@ -43,6 +44,9 @@ from proxy.ranges import (
 from proxy.s3 import checksums
 
 log = logging.getLogger(__name__)
+
+RULE_HEADER: Final = "x-cmek-rule"
+"""Which policy rule decided how a written object was stored (debugging aid, bounded values)."""
 
 __all__ = [
     "ETAG_SUFFIX",
@@ -219,7 +223,7 @@ class ObjectLayer:
         once; one that arrives in the aws-chunked trailer is known only after the body, so it
         is added by a metadata-only self-copy (``verified_checksums`` gives it then).
         """
-        decision = self.decide_write(bucket, key)
+        decision = self.decide_write(bucket, key, headers)
         out_headers = client_storable_headers(headers)
         for name in ("if-match", "if-none-match"):
             if name in headers:
@@ -228,7 +232,9 @@ class ObjectLayer:
                 )
         if not decision.encrypt:
             self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
-            return await self.send_put(bucket, key, out_headers, body, length, encrypted=False)
+            res = await self.send_put(bucket, key, out_headers, body, length, encrypted=False)
+            res.headers[RULE_HEADER] = decision.rule
+            return res
         assert decision.key_uri is not None
         dk = await self.keys.data_key_for_write(decision.key_uri, bucket)
         object_key = crypto.new_object_key()
@@ -283,6 +289,7 @@ class ObjectLayer:
             if done is not env:
                 await self.update_envelope(bucket, key, out_headers, done, res.etag)
         res.headers.update(sse_headers(decision.key_uri))
+        res.headers[RULE_HEADER] = decision.rule
         return res
 
     async def update_envelope(
@@ -317,8 +324,10 @@ class ObjectLayer:
         headers["x-amz-copy-source-if-match"] = backend_etag(client_etag_value)
         await self.backend.call("PUT", bucket, key, headers=headers)
 
-    def decide_write(self, bucket: str, key: str) -> Decision:
-        decision = self.policy.decide(bucket, key)
+    def decide_write(
+        self, bucket: str, key: str, headers: Mapping[str, str] | None = None
+    ) -> Decision:
+        decision = self.policy.decide(bucket, key, headers)
         if decision.refuse:
             raise S3Error(
                 "AccessDenied",
@@ -443,7 +452,7 @@ class ObjectLayer:
                 object_key = await self.object_key_for(bucket, key, env)
                 headers.update(self._checksum_headers(bucket, key, object_key, env))
         else:
-            self._check_legacy(bucket, key, size)
+            self._check_legacy(bucket, key, size, resp.headers)
         return GetResult(resp.status, headers, None, size)
 
     async def get_object(
@@ -541,8 +550,8 @@ class ObjectLayer:
     def _plaintext_result(
         self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
     ) -> GetResult:
-        legacy = self.policy.may_be_encrypted(bucket, key)
-        self._check_legacy(bucket, key, _stored_extent(resp)[0])
+        legacy = self._expected_encrypted(bucket, key, resp.headers)
+        self._check_legacy(bucket, key, _stored_extent(resp)[0], resp.headers)
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
         headers = self.response_headers(resp.headers, None)
         passed = (
@@ -657,7 +666,11 @@ class ObjectLayer:
 
     # ------------------------------------------------------------------ helpers
     async def object_key_for(self, bucket: str, key: str, env: crypto.Envelope) -> bytes:
-        data_key = await self.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+        try:
+            data_key = await self.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+        except (KeyUnavailableError, IntegrityError):
+            self.envelopes.invalidate(bucket, key)  # a rewrap may have replaced it
+            raise
         try:
             return crypto.open_object_key(
                 data_key,
@@ -687,7 +700,14 @@ class ObjectLayer:
             self.metrics.integrity_failures.inc()
             raise
 
-    def _check_legacy(self, bucket: str, key: str, stored_size: int) -> None:
+    def _expected_encrypted(self, bucket: str, key: str, stored: Mapping[str, str]) -> bool:
+        """Whether the policy expects this stored object (its response headers) encrypted."""
+        modified = http_time(stored.get("last-modified", ""))
+        return self.policy.may_be_encrypted(bucket, key, modified, stored)
+
+    def _check_legacy(
+        self, bucket: str, key: str, stored_size: int, stored: Mapping[str, str]
+    ) -> None:
         """May an object without an envelope be served as stored?
 
         Strict mode says no on encrypted paths. With sidecar envelopes an object on an
@@ -695,7 +715,7 @@ class ObjectLayer:
         object unless its size is one no v1 object can have, so it is refused too: serving
         ciphertext as if it were plaintext would be silent corruption.
         """
-        if not self.policy.may_be_encrypted(bucket, key):
+        if not self._expected_encrypted(bucket, key, stored):
             return
         if self.policy.strict:
             raise _strict_refusal()

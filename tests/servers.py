@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -138,9 +139,11 @@ def rclone_server(root: Path, logdir: Path) -> Iterator[Server]:
         logdir,
     )
     server.extra["root"] = root
+    _FORGETFUL_BACKENDS.add(server.url)
     try:
         yield server
     finally:
+        _FORGETFUL_BACKENDS.discard(server.url)
         server.stop()
 
 
@@ -155,14 +158,35 @@ def s3_client(endpoint: str, ak: str, sk: str, **cfg: Any) -> Any:
     )
 
 
+def stored_envelope(direct: Any, bucket: str, key: str) -> dict[str, str]:
+    """An object's envelope as stored (short ``cmek-*`` names), in metadata or a sidecar."""
+    head = direct.head_object(Bucket=bucket, Key=key)
+    meta = {k.lower(): v for k, v in head["Metadata"].items()}
+    if any(k.startswith("cmek-") for k in meta):
+        return meta
+    from proxy.envelopes import sidecar_prefix
+
+    side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + head["ETag"].strip('"'))[
+        "Body"
+    ].read()
+    return {k.removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
+
+
 def envelope_store(backend: Server) -> str:
     """rclone serve s3 keeps user metadata in memory only, so it gets sidecar envelopes."""
     return "sidecar" if backend.name == "rclone" else "metadata"
 
 
+_FORGETFUL_BACKENDS: set[str] = set()
+"""URLs of test backends that do not persist user metadata (rclone serve s3)."""
+
+
 def proxy_config(
-    backend_url: str, keyfile: Path, *, envelope_store: str = "metadata", **overrides: Any
+    backend_url: str, keyfile: Path, *, envelope_store: str | None = None, **overrides: Any
 ) -> Config:
+    """A proxy config for tests; envelopes go to sidecars on backends that forget metadata."""
+    if envelope_store is None:
+        envelope_store = "sidecar" if backend_url in _FORGETFUL_BACKENDS else "metadata"
     tree: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},

@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from proxy import crypto
-from tests.servers import ProxyThread, Server, proxy_config
+from tests.servers import ProxyThread, Server, proxy_config, stored_envelope
 from tests.test_e2e_core import _code, _data
 
 S = crypto.SEGMENT_SIZE
@@ -84,11 +84,11 @@ def test_aligned_parts_in_random_order_and_parallel(
     res = _upload(client, bucket, "mp", parts, shuffle=True, parallel=True)
     _check_object(client, bucket, "mp", data, res["ETag"])
     stored = direct.head_object(Bucket=bucket, Key="mp")
-    assert _meta(stored)["cmek-layout"] == "m"
+    assert stored_envelope(direct, bucket, "mp")["cmek-layout"] == "m"
     assert stored["ContentLength"] == sum(crypto.ciphertext_size(n) for n in sizes)
     # the upload's state object is gone, and never listed
     keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    assert keys == ["mp"]
+    assert [k for k in keys if not k.startswith(".cmek-proxy/env/")] == ["mp"]
 
 
 def test_non_aligned_parts_are_realigned(client: Any, direct: Any, bucket: str) -> None:
@@ -124,7 +124,7 @@ def test_non_aligned_above_single_put_limit_goes_multipart(
     data = b"".join(parts)
     res = _upload(client, bucket, "big", parts)
     _check_object(client, bucket, "big", data, res["ETag"])
-    assert _meta(direct.head_object(Bucket=bucket, Key="big"))["cmek-layout"] == "m"
+    assert stored_envelope(direct, bucket, "big")["cmek-layout"] == "m"
 
 
 def test_abort_and_no_such_upload(client: Any, direct: Any, bucket: str) -> None:

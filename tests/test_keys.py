@@ -15,6 +15,7 @@ import pytest
 
 from proxy.errors import (
     DenialKind,
+    IntegrityError,
     KeyConfigError,
     KeyUnavailableError,
     KmsError,
@@ -549,9 +550,11 @@ async def test_local_provider_round_trip_and_validate(tmp_path: Path) -> None:
     # a fresh service (cold cache) opens it through the key file
     svc2 = KeyService(LocalKmsClient().get_kek, Metrics())
     assert await svc2.unwrap(uri, dk.wrapped, "bucket-1") == dk.plaintext
-    # bound to the bucket
-    with pytest.raises(KeyUnavailableError):
+    # bound to the bucket: a wrapped key moved to another bucket is an integrity failure of
+    # that object, not a denial of the key (which would drop every cached key)
+    with pytest.raises(IntegrityError):
         await svc2.unwrap(uri, dk.wrapped, "bucket-2")
+    assert svc2.status().get(uri) is None or svc2.status()[uri].state != "revoked"
 
 
 async def test_local_provider_key_removed_then_restored(tmp_path: Path) -> None:

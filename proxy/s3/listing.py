@@ -8,6 +8,7 @@ format's impossible sizes (a stored size no v1 object can have is plaintext).
 
 from __future__ import annotations
 
+from datetime import datetime
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
@@ -32,6 +33,15 @@ def _children(el: ElementTree.Element, name: str) -> list[ElementTree.Element]:
     return el.findall(_Q + name) + el.findall(name)
 
 
+def _iso_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def rewrite_listing(body: bytes, bucket: str, policy: Policy, url_encoded: bool) -> bytes:
     """Rewrite a ListObjects / ListObjectsV2 / ListObjectVersions result."""
     root = parse_backend(body)
@@ -47,7 +57,13 @@ def rewrite_listing(body: bytes, bucket: str, policy: Policy, url_encoded: bool)
                 removed += 1
                 continue
             size_el = _find(entry, "Size")
-            if size_el is None or size_el.text is None or not policy.may_be_encrypted(bucket, key):
+            modified_el = _find(entry, "LastModified")
+            modified = _iso_time(modified_el.text if modified_el is not None else None)
+            if (
+                size_el is None
+                or size_el.text is None
+                or not policy.may_be_encrypted(bucket, key, modified)
+            ):
                 continue
             try:
                 plain = crypto.plaintext_size(int(size_el.text))
