@@ -33,7 +33,7 @@ from proxy.s3.sigv4 import (
     verify_request,
 )
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
 
 
 @dataclass
