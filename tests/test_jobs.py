@@ -292,3 +292,37 @@ def test_cli_job_dry_run_prints_a_summary(
         check=True,
     ).stdout
     assert f"{kind} s3://{bucket}/ (dry run): 3 objects" in out
+
+
+def test_encrypt_existing_loses_no_concurrent_client_write(
+    backend: Server, direct: Any, keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client writes the object between the job's check and its replace: the client wins."""
+    from proxy import envelopes
+
+    config = proxy_config(backend.url, keyfile)  # sidecar envelopes on rclone, metadata on moto
+    store = config.backend.envelope_store
+    bucket = new_bucket(direct, "race")
+    original = os.urandom(100_000)
+    direct.put_object(Bucket=bucket, Key="hot", Body=original)
+    newer = os.urandom(50_000)
+
+    with ProxyThread(config) as p:
+        client = p.client()
+        cls = envelopes.SidecarEnvelopes if store == "sidecar" else envelopes.MetadataEnvelopes
+        real = cls.before_commit
+
+        fired: list[bool] = []
+
+        async def racing(self: Any, bucket_: str, key: str, env: Any, md5: str) -> None:
+            if key == "hot" and not fired:  # the job's call (the proxy's own comes nested)
+                fired.append(True)  # the client's write lands right before the job replaces
+                await asyncio.to_thread(client.put_object, Bucket=bucket, Key="hot", Body=newer)
+            await real(self, bucket_, key, env, md5)
+
+        monkeypatch.setattr(cls, "before_commit", racing)
+        done = run(config, "encrypt-existing", bucket)
+        monkeypatch.setattr(cls, "before_commit", real)
+        assert done.outcomes.get("conflict") == 1, done.summary()
+        assert "encrypted" not in done.outcomes
+        assert client.get_object(Bucket=bucket, Key="hot")["Body"].read() == newer
