@@ -169,13 +169,20 @@ def _wait(url: str, token: str, name: str, timeout: float) -> dict[str, Any]:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # uvloop is optional (extra "fast")
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
+    """Run under uvloop when it is installed (extra "fast"), unless CMEK_PROXY_LOOP=asyncio.
+
+    See benchmarks/README.md for what uvloop buys on the small-object path.
+    """
+    if os.environ.get("CMEK_PROXY_LOOP") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,7 +182,10 @@ def test_encrypt_existing_killed_halfway_and_rerun(
     try:
 
         def some_encrypted() -> bool:
-            return "cmek-v" in meta(direct, bucket, "data/000")
+            try:
+                return "cmek-v" in envelope_of(config, direct, bucket, "data/000")
+            except direct.exceptions.ClientError:
+                return False  # sidecar not there yet
 
         try:
             wait_until(some_encrypted, 120, "the first object encrypted")
