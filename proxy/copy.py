@@ -19,20 +19,17 @@ from urllib.parse import unquote
 
 from proxy import crypto
 from proxy.backend.client import parse_error
+from proxy.bodies import READ_CHUNK
 from proxy.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
 from proxy.errors import S3Error
+from proxy.headers import client_storable_headers, copy_source, sse_headers, storable_headers
 from proxy.multipart import MultipartLayer
 from proxy.objects import (
-    READ_CHUNK,
     ObjectLayer,
     backend_etag,
     check_preconditions,
     client_etag,
-    client_storable_headers,
-    copy_source,
     precondition_failed,
-    sse_headers,
-    storable_headers,
 )
 from proxy.rewrite import ExactReader, write_plaintext
 from proxy.s3.checksums import FLEXIBLE

@@ -28,15 +28,8 @@ from cachetools import TTLCache
 from proxy import crypto
 from proxy.checksum_store import COMPOSITE, FULL_OBJECT, StoredChecksum, seal_checksum
 from proxy.errors import FormatError, S3Error
-from proxy.objects import (
-    ObjectLayer,
-    PutResult,
-    backend_etag,
-    client_etag,
-    client_storable_headers,
-    sse_headers,
-    storable_headers,
-)
+from proxy.headers import client_storable_headers, sse_headers, storable_headers
+from proxy.objects import ObjectLayer, PutResult, backend_etag, client_etag
 from proxy.rewrite import StoredPart, realign
 from proxy.s3 import checksums
 from proxy.s3.checksums import ChecksumAlgorithm

@@ -16,16 +16,25 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
-from urllib.parse import quote
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.bodies import READ_CHUNK, is_partial, iter_body, slice_body, stored_extent
 from proxy.checksum_store import StoredChecksum, open_checksum, seal_checksum
 from proxy.envelopes import EnvelopeStore, MetadataEnvelopes
 from proxy.errors import FormatError, IntegrityError, KeyUnavailableError, S3Error
+from proxy.headers import (
+    CHECKSUM_HEADERS,
+    GET_PASS_HEADERS,
+    SSE_HEADER,
+    SSE_KEY_HEADER,
+    client_storable_headers,
+    copy_source,
+    sse_headers,
+)
 from proxy.keys import KeyService
 from proxy.metrics import Metrics
 from proxy.policy import Decision, Policy
@@ -60,116 +69,11 @@ __all__ = [
     "backend_etag",
     "check_preconditions",
     "client_etag",
-    "client_storable_headers",
-    "copy_source",
     "invalid_range",
     "parse_range",
     "precondition_failed",
-    "sse_headers",
-    "storable_headers",
     "stored_range_for",
 ]
-
-READ_CHUNK: Final = 1024 * 1024
-SSE_HEADER: Final = "x-amz-server-side-encryption"
-SSE_KEY_HEADER: Final = "x-amz-server-side-encryption-aws-kms-key-id"
-
-# Request headers stored with the object as sent.
-PUT_PASS_HEADERS: Final = frozenset(
-    {
-        "content-type",
-        "content-disposition",
-        "content-language",
-        "cache-control",
-        "expires",
-        "x-amz-tagging",
-        "x-amz-storage-class",
-        "x-amz-website-redirect-location",
-        "x-amz-acl",
-        "x-amz-object-lock-mode",
-        "x-amz-object-lock-retain-until-date",
-        "x-amz-object-lock-legal-hold",
-        "if-none-match",
-        "if-match",
-    }
-)
-# Checksums of a stored plaintext object: valid for full-object reads only.
-CHECKSUM_HEADERS: Final = (
-    "x-amz-checksum-crc32",
-    "x-amz-checksum-crc32c",
-    "x-amz-checksum-crc64nvme",
-    "x-amz-checksum-sha1",
-    "x-amz-checksum-sha256",
-    "x-amz-checksum-type",
-)
-# Response headers passed back from the backend as stored.
-GET_PASS_HEADERS: Final = frozenset(
-    {
-        "content-type",
-        "content-disposition",
-        "content-encoding",
-        "content-language",
-        "cache-control",
-        "expires",
-        "last-modified",
-        "x-amz-tagging-count",
-        "x-amz-storage-class",
-        "x-amz-version-id",
-        "x-amz-delete-marker",
-        "x-amz-object-lock-mode",
-        "x-amz-object-lock-retain-until-date",
-        "x-amz-object-lock-legal-hold",
-        "x-amz-restore",
-        "x-amz-expiration",
-        "x-amz-mp-parts-count",
-    }
-)
-
-
-def _user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {}
-    for name, value in headers.items():
-        lname = name.lower()
-        if lname.startswith(crypto.META_PREFIX):
-            if crypto.is_internal(lname):
-                raise S3Error(
-                    "InvalidArgument",
-                    f"metadata names starting with {crypto.INTERNAL_PREFIX} are reserved",
-                    400,
-                )
-            out[lname] = value
-    return out
-
-
-def client_storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """``storable_headers`` of a client request, which may not name the envelope's metadata."""
-    _user_metadata(headers)  # raises on x-amz-meta-cmek-*
-    return storable_headers(headers)
-
-
-def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers that are stored with an object: content headers and user metadata.
-
-    Works on request headers and on backend responses (the envelope's names are dropped).
-    """
-    lower = {k.lower(): v for k, v in headers.items() if not crypto.is_internal(k)}
-    out = {
-        k: v
-        for k, v in lower.items()
-        if k in PUT_PASS_HEADERS and k not in ("if-match", "if-none-match")
-    }
-    enc = lower.get("content-encoding")
-    if enc:
-        parts = [p.strip() for p in enc.split(",") if p.strip() and p.strip() != "aws-chunked"]
-        if parts:
-            out["content-encoding"] = ", ".join(parts)
-    out.update(_user_metadata(lower))
-    return out
-
-
-def copy_source(bucket: str, key: str) -> str:
-    """An ``x-amz-copy-source`` value naming ``bucket/key``."""
-    return quote(f"{bucket}/{key}", safe="/~")
 
 
 @dataclass
@@ -533,7 +437,7 @@ class ObjectLayer:
             env = await self.envelope(bucket, key, resp.headers)
             if check_preconditions(cond, self.response_headers(resp.headers, env)) == 304:
                 return GetResult(304, self.response_headers(resp.headers, env), None, 0)
-            if rng is not None and _is_partial(resp) and (env is not None) != guess_encrypted:
+            if rng is not None and is_partial(resp) and (env is not None) != guess_encrypted:
                 return None
             if env is None:
                 result = self._plaintext_result(bucket, key, resp, rng)
@@ -567,7 +471,7 @@ class ObjectLayer:
         self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
     ) -> GetResult:
         legacy = self._expected_encrypted(bucket, key, resp.headers)
-        self._check_legacy(bucket, key, _stored_extent(resp)[0], resp.headers)
+        self._check_legacy(bucket, key, stored_extent(resp)[0], resp.headers)
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
         headers = self.response_headers(resp.headers, None)
         passed = (
@@ -578,19 +482,19 @@ class ObjectLayer:
         for h in passed:
             if h in resp.headers:
                 headers[h] = resp.headers[h]
-        if _is_partial(resp) or rng is None:
+        if is_partial(resp) or rng is None:
             length = int(resp.headers.get("content-length", "0"))
             status = 200
-            if _is_partial(resp) and rng is not None:
+            if is_partial(resp) and rng is not None:
                 headers["content-range"] = resp.headers["content-range"]
                 status = 206
-            return GetResult(status, headers, _iter_body(resp, length), length)
+            return GetResult(status, headers, iter_body(resp, length), length)
         # The backend ignored Range (answered 200 with the whole object).
         total = int(resp.headers.get("content-length", "0"))
         start, end = rng.resolve(total)
         headers["content-range"] = f"bytes {start}-{end}/{total}"
         length = end - start + 1
-        return GetResult(206, headers, _slice_body(resp, start, length), length)
+        return GetResult(206, headers, slice_body(resp, start, length), length)
 
     async def _decrypt_result(
         self,
@@ -602,7 +506,7 @@ class ObjectLayer:
         checksum_mode: bool = False,
     ) -> GetResult:
         # Stored offset and total stored size of what the backend sent.
-        stored_total, stored_start = _stored_extent(resp)
+        stored_total, stored_start = stored_extent(resp)
         plain_total = self.plaintext_size(stored_total)
         object_key = await self.object_key_for(bucket, key, env)
         headers = self.response_headers(resp.headers, env)
@@ -776,66 +680,9 @@ class ObjectLayer:
         return out
 
 
-def sse_headers(kek_uri: str) -> dict[str, str]:
-    return {SSE_HEADER: "aws:kms", SSE_KEY_HEADER: kek_uri}
-
-
 def _strict_refusal() -> S3Error:
     return S3Error(
         "AccessDenied",
         "strict mode: this object is stored unencrypted on a path that requires encryption",
         403,
     )
-
-
-def _is_partial(resp: aiohttp.ClientResponse) -> bool:
-    """Whether the backend sent a byte range (rclone answers ranges with 200 + Content-Range)."""
-    return resp.status == 206 or "content-range" in resp.headers
-
-
-def _stored_extent(resp: aiohttp.ClientResponse) -> tuple[int, int]:
-    """(total stored size, offset of the first byte in this response)."""
-    if _is_partial(resp):
-        cr = resp.headers.get("content-range", "")
-        try:
-            unit_range, _, total_s = cr.partition("/")
-            start_s = unit_range.split()[1].split("-")[0]
-            return int(total_s), int(start_s)
-        except (IndexError, ValueError) as exc:
-            raise FormatError("backend sent a malformed Content-Range") from exc
-    return int(resp.headers.get("content-length", "0")), 0
-
-
-async def _iter_body(resp: aiohttp.ClientResponse, length: int) -> AsyncGenerator[bytes, None]:
-    got = 0
-    try:
-        async for chunk in resp.content.iter_chunked(READ_CHUNK):
-            got += len(chunk)
-            yield chunk
-        if got != length:
-            raise IntegrityError("backend body ended early")
-    finally:
-        resp.release()
-
-
-async def _slice_body(
-    resp: aiohttp.ClientResponse, start: int, length: int
-) -> AsyncGenerator[bytes, None]:
-    pos = 0
-    end = start + length
-    try:
-        async for chunk in resp.content.iter_chunked(READ_CHUNK):
-            c_start, c_end = pos, pos + len(chunk)
-            pos = c_end
-            if c_end <= start:
-                continue
-            lo = max(start - c_start, 0)
-            hi = min(end - c_start, len(chunk))
-            if hi > lo:
-                yield chunk[lo:hi]
-            if pos >= end:
-                return
-        if pos < end:
-            raise IntegrityError("backend body ended early")
-    finally:
-        resp.close()

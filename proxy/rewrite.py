@@ -15,9 +15,11 @@ from typing import Final
 
 from proxy import crypto
 from proxy.backend.client import parse_error
+from proxy.bodies import READ_CHUNK
 from proxy.checksum_store import StoredChecksum, seal_checksum
 from proxy.errors import FormatError, IntegrityError
-from proxy.objects import READ_CHUNK, ObjectLayer, client_etag, storable_headers
+from proxy.headers import storable_headers
+from proxy.objects import ObjectLayer, client_etag
 from proxy.xmldoc import find_text, raise_embedded_error
 
 MAX_SINGLE_PUT: int = 5 * 1024**3

@@ -34,6 +34,7 @@ from proxy import crypto
 from proxy.backend.client import parse_error
 from proxy.envelopes import etag_core, sidecar_prefix
 from proxy.errors import FormatError, IntegrityError
+from proxy.headers import storable_headers
 from proxy.jobs.common import (
     MAX_SINGLE_PUT,
     TMP_PREFIX,
@@ -48,7 +49,6 @@ from proxy.jobs.common import (
     list_objects,
     run_job,
 )
-from proxy.objects import storable_headers
 from proxy.xmldoc import parse_backend
 
 

@@ -34,6 +34,7 @@ from dataclasses import replace
 from proxy import crypto
 from proxy.envelopes import etag_core
 from proxy.errors import IntegrityError
+from proxy.headers import copy_source, storable_headers
 from proxy.jobs.common import (
     ConcurrentWrite,
     JobContext,
@@ -42,7 +43,6 @@ from proxy.jobs.common import (
     Listed,
     run_job,
 )
-from proxy.objects import copy_source, storable_headers
 
 
 async def rewrap(
