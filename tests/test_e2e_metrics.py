@@ -71,13 +71,14 @@ def test_kms_metrics_match_server_calls(
     uri = vault_uri(vault_front.host, name)
     config = e2e_config(moto_server.endpoint_url, uri, tmp_path)
     with ProxyThread(config, kms_clients=vault_clients(token)) as p:
-        # start-up: validation (encrypt + decrypt) and the first probe (datakey + decrypt)
-        wait_for(lambda: _matches(p, vault_front, name), 10, "start-up calls recorded")
-        assert _front_calls(vault_front, name) == {
-            "generate_data_key": 1,
-            "wrap": 1,
-            "unwrap": 2,
-        }
+        # start-up: validation (encrypt + decrypt) and the first probe (datakey + decrypt);
+        # the probe runs in the background, so wait for all four calls, then for the metrics
+        startup = {"generate_data_key": 1, "wrap": 1, "unwrap": 2}
+        wait_for(
+            lambda: _front_calls(vault_front, name) == startup and _matches(p, vault_front, name),
+            10,
+            "start-up calls recorded",
+        )
         s0 = scrape(p)
         assert sample(s0, "cmek_key_available", key=uri) == 1.0
 
