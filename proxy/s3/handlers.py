@@ -296,17 +296,28 @@ async def stream_result(request: web.Request, res: GetResult) -> web.StreamRespo
     resp.content_length = res.content_length
     assert res.body is not None
     body = res.body
+    pending: list[bytes] = []
     try:
         first = await anext(body, None)  # errors before any byte go out as XML
+        if first is not None:
+            pending.append(first)
+        if first is None or len(first) == res.content_length:
+            # The whole (small) body is here: let the stream finish its checks, then send
+            # headers and body in one write instead of three.
+            extra = await anext(body, None)
+            if extra is None:
+                await body.aclose()
+                return web.Response(status=res.status, headers=res.headers, body=first or b"")
+            pending.append(extra)
     except BaseException:
         await body.aclose()
         raise
     await resp.prepare(request)
     try:
-        if first is not None:
-            await resp.write(first)
-            async for chunk in body:
-                await resp.write(chunk)
+        for chunk in pending:
+            await resp.write(chunk)
+        async for chunk in body:
+            await resp.write(chunk)
     except (IntegrityError, FormatError, S3Error) as exc:
         log.warning("aborting response for %s: %s", request.path, type(exc).__name__)
         if request.transport is not None:
