@@ -177,7 +177,7 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         try:
             import uvloop
         except ImportError:
-            pass
+            pass  # uvloop is optional (extra "fast"): fall through to asyncio
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(coro)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cmek-proxy: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C during start-up: exit quietly, everything started is closed
 
 
 if __name__ == "__main__":

@@ -83,13 +83,6 @@ class Kms(_Model):
     specs made through the admin API need their provider loaded at start."""
 
 
-class KeySpec(_Model):
-    """An encryption spec: a key URI, optionally with the location it must be in."""
-
-    key: str
-    location: str | None = None
-
-
 class EncryptionRule(_Model):
     """One bucket or bucket/prefix spec: a key, or passthrough."""
 

@@ -123,12 +123,6 @@ class ClientPart:
     """Checksum element name (``ChecksumCRC32``) -> base64 value, as the client listed it."""
 
 
-@dataclass
-class CompleteResult:
-    etag: str | None
-    headers: dict[str, str]
-
-
 def parse_complete(body: bytes) -> list[ClientPart]:
     """The parts of a CompleteMultipartUpload document, checked for order."""
     try:

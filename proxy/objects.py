@@ -435,14 +435,17 @@ class ObjectLayer:
             if resp.status not in (200, 206):
                 raise parse_error(resp.status, await resp.read())
             env = await self.envelope(bucket, key, resp.headers)
-            if check_preconditions(cond, self.response_headers(resp.headers, env)) == 304:
-                return GetResult(304, self.response_headers(resp.headers, env), None, 0)
+            headers = self.response_headers(resp.headers, env)
+            if check_preconditions(cond, headers) == 304:
+                return GetResult(304, headers, None, 0)
             if rng is not None and is_partial(resp) and (env is not None) != guess_encrypted:
                 return None
             if env is None:
-                result = self._plaintext_result(bucket, key, resp, rng)
+                result = self._plaintext_result(bucket, key, resp, rng, headers)
             else:
-                result = await self._decrypt_result(bucket, key, resp, env, rng, checksum_mode)
+                result = await self._decrypt_result(
+                    bucket, key, resp, env, rng, headers, checksum_mode
+                )
             keep_open = True
             return result
         finally:
@@ -468,12 +471,15 @@ class ObjectLayer:
         return ClientRange(start, end)
 
     def _plaintext_result(
-        self, bucket: str, key: str, resp: aiohttp.ClientResponse, rng: ClientRange | None
+        self,
+        bucket: str,
+        key: str,
+        resp: aiohttp.ClientResponse,
+        rng: ClientRange | None,
+        headers: CIMultiDict[str],
     ) -> GetResult:
-        legacy = self._expected_encrypted(bucket, key, resp.headers)
-        self._check_legacy(bucket, key, stored_extent(resp)[0], resp.headers)
+        legacy = self._check_legacy(bucket, key, stored_extent(resp)[0], resp.headers)
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
-        headers = self.response_headers(resp.headers, None)
         passed = (
             (SSE_HEADER, SSE_KEY_HEADER)
             if rng is not None
@@ -503,13 +509,13 @@ class ObjectLayer:
         resp: aiohttp.ClientResponse,
         env: crypto.Envelope,
         rng: ClientRange | None,
+        headers: CIMultiDict[str],
         checksum_mode: bool = False,
     ) -> GetResult:
         # Stored offset and total stored size of what the backend sent.
         stored_total, stored_start = stored_extent(resp)
         plain_total = self.plaintext_size(stored_total)
         object_key = await self.object_key_for(bucket, key, env)
-        headers = self.response_headers(resp.headers, env)
         total_segments = crypto.segment_count(stored_total)
         if rng is None:
             plan = crypto.SegmentRange(
@@ -627,29 +633,32 @@ class ObjectLayer:
 
     def _check_legacy(
         self, bucket: str, key: str, stored_size: int, stored: Mapping[str, str]
-    ) -> None:
-        """May an object without an envelope be served as stored?
+    ) -> bool:
+        """May an object without an envelope be served as stored? True if it is legacy.
 
-        Strict mode says no on encrypted paths. With sidecar envelopes an object on an
-        encrypted path whose envelope is missing cannot be told from a legacy plaintext
-        object unless its size is one no v1 object can have, so it is refused too: serving
-        ciphertext as if it were plaintext would be silent corruption.
+        Returns whether the policy expected this object encrypted (a legacy plaintext
+        object), raising when it must not be served: strict mode refuses legacy objects;
+        with sidecar envelopes an object on an encrypted path whose envelope is missing
+        cannot be told from a legacy plaintext object unless its size is one no v1 object
+        can have, so it is refused too - serving ciphertext as if it were plaintext would
+        be silent corruption.
         """
         if not self._expected_encrypted(bucket, key, stored):
-            return
+            return False
         if self.policy.strict:
             raise _strict_refusal()
         if self.envelopes.kind == "sidecar":
             try:
                 crypto.plaintext_size(stored_size)
             except FormatError:
-                return  # cannot be ours: stored as sent
+                return True  # cannot be ours: stored as sent
             raise S3Error(
                 "InternalError",
                 "no envelope was found for this object on an encrypted path; it is not "
                 "served (see envelope_store: sidecar)",
                 500,
             )
+        return True
 
     def plaintext_size(self, stored: int) -> int:
         try:

@@ -131,13 +131,6 @@ class Policy:
                 return self._from_rule(rule, "bucket-spec")
         return self._default()
 
-    def bucket_default(self, bucket: str) -> Decision:
-        """The decision for a bucket as a whole (used for listings)."""
-        for name, rule in self._specs:
-            if name == bucket:
-                return self._from_rule(rule, "bucket-spec")
-        return self._default()
-
     def _default(self) -> Decision:
         d = self._enc.default
         if d == "refuse":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -47,13 +46,6 @@ class BackendUnavailable(S3Error):
         super().__init__("ServiceUnavailable", message, 503)
 
 
-@dataclass(frozen=True)
-class BackendError:
-    code: str
-    message: str
-    status: int
-
-
 def parse_error(status: int, body: bytes) -> S3Error:
     """Turn a backend error response into the S3Error the client should see."""
     code, message = "", ""
@@ -63,7 +55,7 @@ def parse_error(status: int, body: bytes) -> S3Error:
             code = child_text(root, "Code")
             message = child_text(root, "Message")
         except FormatError:
-            pass
+            pass  # not an S3 XML error body: the code is derived from the status below
     if not code:
         code = {
             400: "InvalidRequest",

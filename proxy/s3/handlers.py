@@ -329,8 +329,4 @@ async def stream_result(request: web.Request, res: GetResult) -> web.StreamRespo
     return resp
 
 
-def headers_of(mapping: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict(mapping)
-
-
 __all__ = ["S3Handlers", "parse_error", "stream_result"]
