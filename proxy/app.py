@@ -18,24 +18,24 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.admin.api import AdminApi
-from proxy.admin.server import make_admin_app
-from proxy.audit import AuditLog
 from proxy.backend.client import BackendClient
 from proxy.config import Config
-from proxy.envelopes import EnvelopeStore, make_store
+from proxy.control.admin.api import AdminApi
+from proxy.control.admin.server import make_admin_app
+from proxy.control.audit import AuditLog
+from proxy.control.jobs import JobContext
+from proxy.control.policy import Policy
+from proxy.control.specs import SpecStore
 from proxy.errors import KeyConfigError
-from proxy.jobs import JobContext
-from proxy.keys import KeyService
 from proxy.kms.base import Kek, KmsClient, RetryPolicy
+from proxy.kms.keys import KeyService
+from proxy.layer.envelopes import EnvelopeStore, make_store
+from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
-from proxy.objects import ObjectLayer
-from proxy.policy import Policy
 from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.server import make_s3_app
-from proxy.s3.sigv4 import Credentials
-from proxy.specs import SpecStore
+from proxy.wire.sigv4 import Credentials
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ def _dev(args: argparse.Namespace) -> None:
 
 def _job(args: argparse.Namespace) -> None:
     from proxy.config import load_config
-    from proxy.jobs.common import JobOptions
-    from proxy.jobs.standalone import run_standalone
+    from proxy.control.jobs.common import JobOptions
+    from proxy.control.jobs.standalone import run_standalone
 
     config = load_config(Path(args.config))
     opts = JobOptions(
@@ -77,7 +77,7 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def _audit_verify(args: argparse.Namespace) -> None:
-    from proxy.audit import verify
+    from proxy.control.audit import verify
 
     res = verify(Path(args.file))
     if res.ok:

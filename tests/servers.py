@@ -164,7 +164,7 @@ def stored_envelope(direct: Any, bucket: str, key: str) -> dict[str, str]:
     meta = {k.lower(): v for k, v in head["Metadata"].items()}
     if any(k.startswith("cmek-") for k in meta):
         return meta
-    from proxy.envelopes import sidecar_prefix
+    from proxy.layer.envelopes import sidecar_prefix
 
     side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + head["ETag"].strip('"'))[
         "Body"

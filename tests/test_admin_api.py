@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from proxy.audit import verify
 from proxy.cli import main
+from proxy.control.audit import verify
 from tests.servers import ProxyThread, Server, new_keyfile, proxy_config, wait_until
 
 TOKEN = "admin-test-token-0123456789"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.audit import GENESIS, AuditLog, line_hash, verify
 from proxy.cli import main
-from proxy.keys import KeyEvent
+from proxy.control.audit import GENESIS, AuditLog, line_hash, verify
+from proxy.kms.keys import KeyEvent
 
 
 def _log(tmp_path: Path, n: int = 5) -> Path:

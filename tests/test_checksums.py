@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import S3Error
-from proxy.s3.checksums import (
+from proxy.wire.checksums import (
     FLEXIBLE,
     ChecksumAlgorithm,
     CrcHasher,

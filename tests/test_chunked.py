@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from proxy.errors import S3Error
-from proxy.s3 import checksums
-from proxy.s3.chunked import MAX_CHUNK_SIZE, AwsChunkedDecoder, Trailers
-from proxy.s3.sigv4 import (
+from proxy.wire import checksums
+from proxy.wire.chunked import MAX_CHUNK_SIZE, AwsChunkedDecoder, Trailers
+from proxy.wire.sigv4 import (
     EMPTY_SHA256,
     ChunkSigningContext,
     Credentials,

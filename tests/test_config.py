@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import load_config, parse_config
+from proxy.control.policy import Policy
 from proxy.errors import ConfigError
-from proxy.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -123,7 +123,7 @@ def test_copy_missing_source(client: Any, bucket: str) -> None:
 def test_large_reseal_uses_backend_multipart_copy(
     client: Any, direct: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy import copy
+    from proxy.layer import copy
 
     monkeypatch.setattr(copy, "MAX_SINGLE_COPY", 6 * MiB)
     monkeypatch.setattr(copy, "COPY_PART_SIZE", 5 * MiB)

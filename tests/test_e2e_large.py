@@ -17,7 +17,7 @@ import yaml
 from yarl import URL
 
 from proxy import crypto
-from proxy.s3.sigv4 import Credentials, sign_headers
+from proxy.wire.sigv4 import Credentials, sign_headers
 from tests.servers import (
     BACKEND_AK,
     BACKEND_SK,

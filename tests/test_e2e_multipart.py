@@ -116,7 +116,7 @@ def test_non_aligned_parts_are_realigned(client: Any, direct: Any, bucket: str) 
 def test_non_aligned_above_single_put_limit_goes_multipart(
     client: Any, direct: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy import rewrite
+    from proxy.layer import rewrite
 
     monkeypatch.setattr(rewrite, "MAX_SINGLE_PUT", 6 * MiB)
     monkeypatch.setattr(rewrite, "WRITE_PART_SIZE", 5 * MiB)

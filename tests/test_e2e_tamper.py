@@ -11,7 +11,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from proxy import crypto
-from proxy.envelopes import sidecar_prefix
+from proxy.layer.envelopes import sidecar_prefix
 
 S = crypto.SEGMENT_SIZE
 STORED = crypto.STORED_SEGMENT_SIZE

@@ -17,9 +17,9 @@ import yaml
 
 from proxy import crypto
 from proxy.config import Config
-from proxy.envelopes import sidecar_prefix
-from proxy.jobs.common import TMP_PREFIX, JobOptions, JobProgress
-from proxy.jobs.standalone import run_standalone
+from proxy.control.jobs.common import TMP_PREFIX, JobOptions, JobProgress
+from proxy.control.jobs.standalone import run_standalone
+from proxy.layer.envelopes import sidecar_prefix
 from tests.servers import ProxyThread, Server, new_keyfile, proxy_config, wait_until
 
 
@@ -301,7 +301,7 @@ def test_encrypt_existing_loses_no_concurrent_client_write(
     backend: Server, direct: Any, keyfile: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client writes the object between the job's check and its replace: the client wins."""
-    from proxy import envelopes
+    from proxy.layer import envelopes
 
     config = proxy_config(backend.url, keyfile)  # sidecar envelopes on rclone, metadata on moto
     store = config.backend.envelope_store

@@ -21,9 +21,9 @@ from proxy.errors import (
     KmsError,
     KmsUnreachableError,
 )
-from proxy.keys import MAX_TTL, KeyEvent, KeyService
 from proxy.kms.base import DataKey, Kek, WrappedKey
 from proxy.kms.breaker import BreakerKek, BreakerState, CircuitBreaker
+from proxy.kms.keys import MAX_TTL, KeyEvent, KeyService
 from proxy.kms.local import KeyFile, LocalKmsClient, create_key_file
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics

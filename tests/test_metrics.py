@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.errors import DenialKind, KeyUnavailableError, KmsError, KmsUnreachableError
-from proxy.keys import KeyService
 from proxy.kms.base import DataKey, Kek, WrappedKey
+from proxy.kms.keys import KeyService
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
 

@@ -14,7 +14,7 @@ import requests
 from botocore.exceptions import ClientError
 
 from proxy.config import Encryption, EncryptionRule, UnencryptedTtl
-from proxy.policy import RULE_PATH, RULE_TTL, Policy
+from proxy.control.policy import RULE_PATH, RULE_TTL, Policy
 from tests.servers import ProxyThread, Server, proxy_config
 
 BODY = b"stored as sent? " * 100

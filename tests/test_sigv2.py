@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import S3Error
 from proxy.s3.routing import route
-from proxy.s3.sigv2 import (
+from proxy.wire.sigv2 import (
     UNSIGNED_SELECTORS,
     canonical_resource,
     is_presigned_v2,
@@ -32,7 +32,7 @@ from proxy.s3.sigv2 import (
     string_to_sign,
     verify_presigned_v2,
 )
-from proxy.s3.sigv4 import Credentials, PayloadMode, RequestView, VerifiedAuth
+from proxy.wire.sigv4 import Credentials, PayloadMode, RequestView, VerifiedAuth
 
 ACCESS = "AKIDEXAMPLE0000002"
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"

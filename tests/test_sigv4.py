@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import S3Error
-from proxy.s3.sigv4 import (
+from proxy.wire.sigv4 import (
     Credentials,
     PayloadMode,
     RequestView,

@@ -1,6 +1,6 @@
 """A small streaming S3 client for the real object store behind the proxy.
 
-It signs every request with ``proxy.s3.sigv4`` (the same canonicalisation the
+It signs every request with ``proxy.wire.sigv4`` (the same canonicalisation the
 front end verifies with), never buffers bodies (request bodies are async
 iterables with a known Content-Length; response bodies are read by the caller),
 and maps transport failures to ``BackendUnavailable``.  It knows nothing of
@@ -19,8 +19,8 @@ from yarl import URL
 
 from proxy.config import Backend as BackendConfig
 from proxy.errors import FormatError, S3Error
-from proxy.s3.sigv4 import Credentials, SigningKeyCache, sign_headers
-from proxy.xmldoc import child_text, parse_backend
+from proxy.wire.sigv4 import Credentials, SigningKeyCache, sign_headers
+from proxy.wire.xmldoc import child_text, parse_backend
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -21,10 +21,10 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from proxy.errors import S3Error
-from proxy.s3 import checksums
-from proxy.s3.chunked import AwsChunkedDecoder
-from proxy.s3.sigv2 import is_presigned_v2, verify_presigned_v2
-from proxy.s3.sigv4 import (
+from proxy.wire import checksums
+from proxy.wire.chunked import AwsChunkedDecoder
+from proxy.wire.sigv2 import is_presigned_v2, verify_presigned_v2
+from proxy.wire.sigv4 import (
     Credentials,
     PayloadMode,
     RequestView,

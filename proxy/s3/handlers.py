@@ -9,11 +9,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
-from proxy.copy import CopyLayer
 from proxy.errors import FormatError, IntegrityError, S3Error
-from proxy.multipart import MultipartLayer
-from proxy.objects import GetResult, ObjectLayer
-from proxy.part_reads import PartReader
+from proxy.layer.copy import CopyLayer
+from proxy.layer.multipart import MultipartLayer
+from proxy.layer.objects import GetResult, ObjectLayer
+from proxy.layer.part_reads import PartReader
 from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.listing import rewrite_listing
 from proxy.s3.routing import Target

@@ -13,11 +13,11 @@ from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from proxy import crypto
+from proxy.control.policy import Policy
 from proxy.errors import FormatError
-from proxy.objects import client_etag
-from proxy.policy import Policy
+from proxy.layer.objects import client_etag
 from proxy.s3.routing import RESERVED_PREFIX
-from proxy.xmldoc import parse_backend
+from proxy.wire.xmldoc import parse_backend
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _Q = f"{{{S3_NS}}}"

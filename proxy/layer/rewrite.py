@@ -15,12 +15,12 @@ from typing import Final
 
 from proxy import crypto
 from proxy.backend.client import parse_error
-from proxy.bodies import READ_CHUNK
-from proxy.checksum_store import StoredChecksum, seal_checksum
 from proxy.errors import FormatError, IntegrityError
-from proxy.headers import storable_headers
-from proxy.objects import ObjectLayer, client_etag
-from proxy.xmldoc import find_text, raise_embedded_error
+from proxy.layer.bodies import READ_CHUNK
+from proxy.layer.checksum_store import StoredChecksum, seal_checksum
+from proxy.layer.headers import storable_headers
+from proxy.layer.objects import ObjectLayer, client_etag
+from proxy.wire.xmldoc import find_text, raise_embedded_error
 
 MAX_SINGLE_PUT: int = 5 * 1024**3
 WRITE_PART_SIZE: int = 64 * 1024 * 1024

@@ -19,22 +19,22 @@ from urllib.parse import unquote
 
 from proxy import crypto
 from proxy.backend.client import parse_error
-from proxy.bodies import READ_CHUNK
-from proxy.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
 from proxy.errors import S3Error
-from proxy.headers import client_storable_headers, copy_source, sse_headers, storable_headers
-from proxy.multipart import MultipartLayer
-from proxy.objects import (
+from proxy.layer.bodies import READ_CHUNK
+from proxy.layer.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
+from proxy.layer.headers import client_storable_headers, copy_source, sse_headers, storable_headers
+from proxy.layer.multipart import MultipartLayer
+from proxy.layer.objects import (
     ObjectLayer,
     backend_etag,
     check_preconditions,
     client_etag,
     precondition_failed,
 )
-from proxy.rewrite import ExactReader, write_plaintext
-from proxy.s3.checksums import FLEXIBLE
+from proxy.layer.rewrite import ExactReader, write_plaintext
 from proxy.s3.routing import RESERVED_PREFIX
-from proxy.xmldoc import find_text, raise_embedded_error, xml_doc
+from proxy.wire.checksums import FLEXIBLE
+from proxy.wire.xmldoc import find_text, raise_embedded_error, xml_doc
 
 MAX_SINGLE_COPY: int = 5 * 1024**3
 """Largest stored object one backend CopyObject copies (S3's limit); read at call time."""

@@ -10,8 +10,7 @@ allows it), ``error:<Kind>``. Counts per key URI and key version (and per error 
 
 from __future__ import annotations
 
-from proxy.errors import CmekError
-from proxy.jobs.common import (
+from proxy.control.jobs.common import (
     JobContext,
     JobOptions,
     JobProgress,
@@ -21,6 +20,7 @@ from proxy.jobs.common import (
     object_key_of,
     run_job,
 )
+from proxy.errors import CmekError
 
 
 async def verify(

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from proxy.keys import KeyEvent
+from proxy.kms.keys import KeyEvent
 
 GENESIS: Final = "0" * 64
 _TAIL_BLOCK: Final = 64 * 1024

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.keys import KeyService
+from proxy.kms.keys import KeyService
 from proxy.metrics import Metrics
 
 

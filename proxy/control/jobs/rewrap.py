@@ -32,10 +32,7 @@ import hmac
 from dataclasses import replace
 
 from proxy import crypto
-from proxy.envelopes import etag_core
-from proxy.errors import IntegrityError
-from proxy.headers import copy_source, storable_headers
-from proxy.jobs.common import (
+from proxy.control.jobs.common import (
     ConcurrentWrite,
     JobContext,
     JobOptions,
@@ -43,6 +40,9 @@ from proxy.jobs.common import (
     Listed,
     run_job,
 )
+from proxy.errors import IntegrityError
+from proxy.layer.envelopes import etag_core
+from proxy.layer.headers import copy_source, storable_headers
 
 
 async def rewrap(

@@ -32,9 +32,9 @@ from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.config import Config, EncryptionRule
+from proxy.control.policy import Policy
 from proxy.errors import ConfigError, S3Error
-from proxy.policy import Policy
-from proxy.xmldoc import parse_backend
+from proxy.wire.xmldoc import parse_backend
 
 SPEC_PREFIX: Final = ".cmek-proxy/specs/"
 OPERATION_PREFIX: Final = ".cmek-proxy/operations/"

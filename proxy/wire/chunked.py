@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Final
 
 from proxy.errors import S3Error
-from proxy.s3.sigv4 import EMPTY_SHA256, ChunkSigningContext, PayloadMode
+from proxy.wire.sigv4 import EMPTY_SHA256, ChunkSigningContext, PayloadMode
 
 __all__ = [
     "MAX_CHUNK_SIZE",

@@ -36,7 +36,7 @@ from typing import Final, Literal, Protocol
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError
-from proxy.xmldoc import parse_backend
+from proxy.wire.xmldoc import parse_backend
 
 SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
 _CACHE_ENTRIES: Final = 50_000

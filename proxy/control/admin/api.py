@@ -38,13 +38,13 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.audit import AuditLog
 from proxy.config import EncryptionRule
+from proxy.control.audit import AuditLog
+from proxy.control.jobs import JOBS, JobContext, JobOptions, JobProgress
+from proxy.control.specs import SpecStore, new_operation_id, spec_name, utc_iso
 from proxy.errors import CmekError, KmsError, KmsUnreachableError
-from proxy.jobs import JOBS, JobContext, JobOptions, JobProgress
-from proxy.keys import KeyService
+from proxy.kms.keys import KeyService
 from proxy.s3.routing import RESERVED_PREFIX
-from proxy.specs import SpecStore, new_operation_id, spec_name, utc_iso
 
 log = logging.getLogger(__name__)
 

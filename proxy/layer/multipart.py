@@ -26,15 +26,15 @@ from xml.sax.saxutils import escape
 from cachetools import TTLCache
 
 from proxy import crypto
-from proxy.checksum_store import COMPOSITE, FULL_OBJECT, StoredChecksum, seal_checksum
 from proxy.errors import FormatError, S3Error
-from proxy.headers import client_storable_headers, sse_headers, storable_headers
-from proxy.objects import ObjectLayer, PutResult, backend_etag, client_etag
-from proxy.rewrite import StoredPart, realign
-from proxy.s3 import checksums
-from proxy.s3.checksums import ChecksumAlgorithm
+from proxy.layer.checksum_store import COMPOSITE, FULL_OBJECT, StoredChecksum, seal_checksum
+from proxy.layer.headers import client_storable_headers, sse_headers, storable_headers
+from proxy.layer.objects import ObjectLayer, PutResult, backend_etag, client_etag
+from proxy.layer.rewrite import StoredPart, realign
 from proxy.s3.routing import RESERVED_PREFIX
-from proxy.xmldoc import (
+from proxy.wire import checksums
+from proxy.wire.checksums import ChecksumAlgorithm
+from proxy.wire.xmldoc import (
     child_text,
     find_text,
     local,

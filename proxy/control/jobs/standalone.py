@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.app import make_kms_clients, resolver
-from proxy.audit import AuditLog
 from proxy.backend.client import BackendClient
 from proxy.config import Config
-from proxy.envelopes import make_store
-from proxy.jobs import JOBS
-from proxy.jobs.common import JobContext, JobOptions, JobProgress
-from proxy.keys import KeyService
+from proxy.control.audit import AuditLog
+from proxy.control.jobs import JOBS
+from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
+from proxy.control.specs import SpecStore
 from proxy.kms.base import KmsClient
+from proxy.kms.keys import KeyService
+from proxy.layer.envelopes import make_store
 from proxy.metrics import Metrics
-from proxy.specs import SpecStore
 
 
 async def run_standalone(

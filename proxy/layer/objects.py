@@ -22,11 +22,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
-from proxy.bodies import READ_CHUNK, is_partial, iter_body, slice_body, stored_extent
-from proxy.checksum_store import StoredChecksum, open_checksum, seal_checksum
-from proxy.envelopes import EnvelopeStore, MetadataEnvelopes
+from proxy.control.policy import Decision, Policy
 from proxy.errors import FormatError, IntegrityError, KeyUnavailableError, S3Error
-from proxy.headers import (
+from proxy.kms.keys import KeyService
+from proxy.layer.bodies import READ_CHUNK, is_partial, iter_body, slice_body, stored_extent
+from proxy.layer.checksum_store import StoredChecksum, open_checksum, seal_checksum
+from proxy.layer.envelopes import EnvelopeStore, MetadataEnvelopes
+from proxy.layer.headers import (
     CHECKSUM_HEADERS,
     GET_PASS_HEADERS,
     SSE_HEADER,
@@ -35,10 +37,7 @@ from proxy.headers import (
     copy_source,
     sse_headers,
 )
-from proxy.keys import KeyService
-from proxy.metrics import Metrics
-from proxy.policy import Decision, Policy
-from proxy.ranges import (
+from proxy.layer.ranges import (
     ETAG_SUFFIX,
     ClientRange,
     backend_conditions,
@@ -51,7 +50,8 @@ from proxy.ranges import (
     precondition_failed,
     stored_range_for,
 )
-from proxy.s3 import checksums
+from proxy.metrics import Metrics
+from proxy.wire import checksums
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ String to sign (S3's "query string request authentication")::
   present in the query, decoded, sorted by name (stable), as ``?name=value&name``
   (a parameter sent without ``=`` appears without ``=``).
 
-Query parameters are decoded like :func:`proxy.s3.sigv4.parse_query` (``+`` is a
+Query parameters are decoded like :func:`proxy.wire.sigv4.parse_query` (``+`` is a
 space), the decoding the router uses, so the values signed are the values acted on.
 
 Parameters that select an S3 operation but are not part of the SigV2 canonical
@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import S3Error
-from proxy.s3.sigv4 import (
+from proxy.wire.sigv4 import (
     AMZ_DATE_FORMAT,
     Credentials,
     PayloadMode,

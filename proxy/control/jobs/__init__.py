@@ -1,9 +1,9 @@
 """Key lifecycle jobs: ``verify``, ``rewrap``, ``encrypt-existing`` (see each module)."""
 
-from proxy.jobs.common import JobContext, JobOptions, JobProgress
-from proxy.jobs.encrypt_existing import encrypt_existing
-from proxy.jobs.rewrap import rewrap
-from proxy.jobs.verify import verify
+from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
+from proxy.control.jobs.encrypt_existing import encrypt_existing
+from proxy.control.jobs.rewrap import rewrap
+from proxy.control.jobs.verify import verify
 
 JOBS = {"verify": verify, "rewrap": rewrap, "encrypt-existing": encrypt_existing}
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.errors import IntegrityError
-from proxy.s3.checksums import ChecksumAlgorithm
+from proxy.wire.checksums import ChecksumAlgorithm
 
 _LABEL: Final = b"cmek-proxy/v1/checksum"
 _NONCE: Final = 12

@@ -32,10 +32,7 @@ from urllib.parse import urlencode
 
 from proxy import crypto
 from proxy.backend.client import parse_error
-from proxy.envelopes import etag_core, sidecar_prefix
-from proxy.errors import FormatError, IntegrityError
-from proxy.headers import storable_headers
-from proxy.jobs.common import (
+from proxy.control.jobs.common import (
     MAX_SINGLE_PUT,
     TMP_PREFIX,
     ConcurrentWrite,
@@ -49,7 +46,10 @@ from proxy.jobs.common import (
     list_objects,
     run_job,
 )
-from proxy.xmldoc import parse_backend
+from proxy.errors import FormatError, IntegrityError
+from proxy.layer.envelopes import etag_core, sidecar_prefix
+from proxy.layer.headers import storable_headers
+from proxy.wire.xmldoc import parse_backend
 
 
 def tmp_key(key: str) -> str:

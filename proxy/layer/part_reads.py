@@ -24,7 +24,7 @@ from typing import Final
 from proxy import crypto
 from proxy.backend.client import parse_error
 from proxy.errors import FormatError, S3Error
-from proxy.objects import GetResult, ObjectLayer, check_preconditions
+from proxy.layer.objects import GetResult, ObjectLayer, check_preconditions
 
 _HEADER: Final = 16
 

@@ -22,15 +22,15 @@ import aiohttp
 from tqdm import tqdm
 
 from proxy import crypto
-from proxy.audit import AuditLog
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.control.audit import AuditLog
+from proxy.control.policy import Policy
 from proxy.crypto import Envelope
-from proxy.envelopes import EnvelopeStore, etag_core
 from proxy.errors import CmekError, FormatError, S3Error
-from proxy.keys import KeyService
-from proxy.policy import Policy
+from proxy.kms.keys import KeyService
+from proxy.layer.envelopes import EnvelopeStore, etag_core
 from proxy.s3.routing import RESERVED_PREFIX
-from proxy.xmldoc import parse_backend
+from proxy.wire.xmldoc import parse_backend
 
 MAX_ERRORS: Final = 100
 CHUNK: Final = 1024 * 1024

@@ -1,6 +1,6 @@
 """Conditions, ranges and ETags as S3 defines them: pure functions of headers.
 
-Split from the encryption layer (``proxy.objects`` re-exports every public name here).
+Split from the encryption layer (``proxy.layer.objects`` re-exports every public name here).
 """
 
 from __future__ import annotations

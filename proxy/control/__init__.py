@@ -1,0 +1,1 @@
+"""The control plane: policy, encryption specs, audit, lifecycle jobs, the admin API."""

@@ -1,0 +1,1 @@
+"""The encryption layer: the one place where plaintext meets ciphertext."""
