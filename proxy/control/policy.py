@@ -21,32 +21,16 @@ import fnmatch
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 
 from proxy.config import Encryption, EncryptionRule, UnencryptedTtl
+from proxy.layer.decision import Decision
+
+__all__ = ["RULE_PATH", "RULE_TTL", "Decision", "Policy", "ttl_seconds"]
 
 RULE_TTL = "unencrypted-ttl"
 RULE_PATH = "unencrypted-path"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do with one object."""
-
-    key_uri: str | None
-    """The key-encryption key URI, or None for passthrough/refuse."""
-    rule: str
-    """Which rule decided (shown in metrics labels and debug headers): bounded strings."""
-    refuse: bool = False
-    location: str | None = None
-    encrypted_since: float | None = None
-    """Epoch seconds since when this path is encrypted (None: always); see ``may_be_encrypted``."""
-
-    @property
-    def encrypt(self) -> bool:
-        return self.key_uri is not None
 
 
 @lru_cache(maxsize=256)

@@ -32,8 +32,8 @@ from proxy.layer.objects import (
     precondition_failed,
 )
 from proxy.layer.rewrite import ExactReader, write_plaintext
-from proxy.s3.routing import RESERVED_PREFIX
 from proxy.wire.checksums import FLEXIBLE
+from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import find_text, raise_embedded_error, xml_doc
 
 MAX_SINGLE_COPY: int = 5 * 1024**3

@@ -31,9 +31,9 @@ from proxy.layer.checksum_store import COMPOSITE, FULL_OBJECT, StoredChecksum, s
 from proxy.layer.headers import client_storable_headers, sse_headers, storable_headers
 from proxy.layer.objects import ObjectLayer, PutResult, backend_etag, client_etag
 from proxy.layer.rewrite import StoredPart, realign
-from proxy.s3.routing import RESERVED_PREFIX
 from proxy.wire import checksums
 from proxy.wire.checksums import ChecksumAlgorithm
+from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import (
     child_text,
     find_text,

@@ -22,11 +22,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
-from proxy.control.policy import Decision, Policy
 from proxy.errors import FormatError, IntegrityError, KeyUnavailableError, S3Error
 from proxy.kms.keys import KeyService
 from proxy.layer.bodies import READ_CHUNK, is_partial, iter_body, slice_body, stored_extent
 from proxy.layer.checksum_store import StoredChecksum, open_checksum, seal_checksum
+from proxy.layer.decision import Decision, KeyPolicy
 from proxy.layer.envelopes import EnvelopeStore, MetadataEnvelopes
 from proxy.layer.headers import (
     CHECKSUM_HEADERS,
@@ -102,7 +102,7 @@ class ObjectLayer:
         self,
         backend: BackendClient,
         keys: KeyService,
-        policy: Policy,
+        policy: KeyPolicy,
         metrics: Metrics,
         envelopes: EnvelopeStore | None = None,
     ) -> None:

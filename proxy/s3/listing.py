@@ -13,10 +13,10 @@ from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from proxy import crypto
-from proxy.control.policy import Policy
 from proxy.errors import FormatError
+from proxy.layer.decision import KeyPolicy
 from proxy.layer.objects import client_etag
-from proxy.s3.routing import RESERVED_PREFIX
+from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import parse_backend
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -42,7 +42,7 @@ def _iso_time(value: str | None) -> float | None:
         return None
 
 
-def rewrite_listing(body: bytes, bucket: str, policy: Policy, url_encoded: bool) -> bytes:
+def rewrite_listing(body: bytes, bucket: str, policy: KeyPolicy, url_encoded: bool) -> bytes:
     """Rewrite a ListObjects / ListObjectsV2 / ListObjectVersions result."""
     root = parse_backend(body)
     removed = 0

@@ -8,9 +8,7 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from proxy.errors import S3Error
-
-RESERVED_PREFIX = ".cmek-proxy/"
-"""Keys under this prefix hold the proxy's own state in the backend; clients never see them."""
+from proxy.wire.reserved import RESERVED_PREFIX
 
 CLIENT_ONLY_PARAMS = frozenset(
     {

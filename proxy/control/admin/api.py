@@ -44,7 +44,7 @@ from proxy.control.jobs import JOBS, JobContext, JobOptions, JobProgress
 from proxy.control.specs import SpecStore, new_operation_id, spec_name, utc_iso
 from proxy.errors import CmekError, KmsError, KmsUnreachableError
 from proxy.kms.keys import KeyService
-from proxy.s3.routing import RESERVED_PREFIX
+from proxy.wire.reserved import RESERVED_PREFIX
 
 log = logging.getLogger(__name__)
 

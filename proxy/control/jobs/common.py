@@ -29,7 +29,7 @@ from proxy.crypto import Envelope
 from proxy.errors import CmekError, FormatError, S3Error
 from proxy.kms.keys import KeyService
 from proxy.layer.envelopes import EnvelopeStore, etag_core
-from proxy.s3.routing import RESERVED_PREFIX
+from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import parse_backend
 
 MAX_ERRORS: Final = 100

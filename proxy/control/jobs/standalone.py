@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.app import make_kms_clients, resolver
 from proxy.backend.client import BackendClient
 from proxy.config import Config
 from proxy.control.audit import AuditLog
@@ -17,6 +16,7 @@ from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
 from proxy.control.specs import SpecStore
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
+from proxy.kms.registry import make_kms_clients, resolver
 from proxy.layer.envelopes import make_store
 from proxy.metrics import Metrics
 
