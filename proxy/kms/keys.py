@@ -36,18 +36,16 @@ import hmac
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, TypeVar
-
-from prometheus_client import Counter
+from typing import Final, Literal, TypeVar
 
 from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
 from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
 from proxy.kms.breaker import BreakerKek, CircuitBreaker
+from proxy.kms.cache import TtlCache, single_flight
 from proxy.kms.metered import MeteredKek
-from proxy.metrics import EVICTION_REASONS, Metrics
+from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -95,82 +93,6 @@ class _Health:
     denied_op: _Op | None = None
 
 
-class _TtlCache(Generic[K, V]):
-    """A bounded map with a fixed time-to-live, keyed by ``(kek_uri, K)``.
-
-    Entries are kept in insertion order, which - the TTL being fixed and the clock
-    monotonic - is also expiry order: expired entries are swept from the front on
-    insert, and when full the entry closest to expiry is evicted.  An index by
-    ``kek_uri`` lets a denial drop all of one key's material without a scan.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        *,
-        ttl: float,
-        max_entries: int,
-        clock: Callable[[], float],
-        evictions: Counter,
-    ) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[tuple[str, K], tuple[float, V]] = OrderedDict()
-        self._by_uri: dict[str, set[tuple[str, K]]] = {}
-        self._evicted = {r: evictions.labels(kind, r) for r in EVICTION_REASONS}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def count_for(self, kek_uri: str) -> int:
-        return len(self._by_uri.get(kek_uri, ()))
-
-    def get(self, key: tuple[str, K]) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._clock():
-            self._remove(key)
-            self._evicted["expired"].inc()
-            return None
-        return entry[1]
-
-    def put(self, key: tuple[str, K], value: V) -> None:
-        now = self._clock()
-        self._sweep(now)
-        if key in self._entries:
-            self._remove(key)
-        while len(self._entries) >= self._max:
-            self._remove(next(iter(self._entries)))
-            self._evicted["capacity"].inc()
-        self._entries[key] = (now + self._ttl, value)
-        self._by_uri.setdefault(key[0], set()).add(key)
-
-    def drop_uri(self, kek_uri: str, reason: str) -> int:
-        keys = self._by_uri.pop(kek_uri, set())
-        for key in keys:
-            del self._entries[key]
-        if keys:
-            self._evicted[reason].inc(len(keys))
-        return len(keys)
-
-    def _sweep(self, now: float) -> None:
-        while self._entries:
-            key, (expires, _) = next(iter(self._entries.items()))
-            if expires > now:
-                return
-            self._remove(key)
-            self._evicted["expired"].inc()
-
-    def _remove(self, key: tuple[str, K]) -> None:
-        del self._entries[key]
-        owned = self._by_uri[key[0]]
-        owned.discard(key)
-        if not owned:
-            del self._by_uri[key[0]]
-
-
 class KeyService:
     """Data keys for writes and unwrapped data keys for reads, cached and single-flight."""
 
@@ -206,14 +128,14 @@ class KeyService:
         self._probe_timeout = probe_timeout
         self.ttl = ttl
         self._keks: dict[str, BreakerKek] = {}
-        self._writes: _TtlCache[str, DataKey] = _TtlCache(
+        self._writes: TtlCache[str, DataKey] = TtlCache(
             "write",
             ttl=ttl,
             max_entries=max_entries,
             clock=clock,
             evictions=metrics.key_cache_evictions,
         )
-        self._reads: _TtlCache[tuple[bytes, str], bytes] = _TtlCache(
+        self._reads: TtlCache[tuple[bytes, str], bytes] = TtlCache(
             "read",
             ttl=ttl,
             max_entries=max_entries,
@@ -257,7 +179,7 @@ class KeyService:
             self._hits["write"].inc()
             return dk
         self._misses["write"].inc()
-        return await _single_flight(
+        return await single_flight(
             self._write_flights, key, lambda: self._fetch_write(kek_uri, bucket)
         )
 
@@ -285,7 +207,7 @@ class KeyService:
             self._hits["read"].inc()
             return plaintext
         self._misses["read"].inc()
-        return await _single_flight(
+        return await single_flight(
             self._read_flights, key, lambda: self._fetch_read(kek_uri, wrapped, bucket)
         )
 
@@ -490,37 +412,3 @@ class KeyService:
             kind = None
         if kind is not None and self._on_event is not None:
             self._on_event(KeyEvent(kind, kek_uri, reason, now))
-
-
-async def _single_flight(
-    flights: dict[K, asyncio.Task[V]],
-    key: K,
-    fetch: Callable[[], Coroutine[Any, Any, V]],
-) -> V:
-    """Join the in-flight call for ``key`` or start it; every waiter gets its outcome.
-
-    The call runs as its own task, so a waiter that is cancelled does not cancel
-    it for the others.
-    """
-    task = flights.get(key)
-    if task is None:
-        task = asyncio.create_task(_flight(flights, key, fetch))
-        flights[key] = task
-        task.add_done_callback(lambda t: _forget(flights, key, t))
-    return await asyncio.shield(task)
-
-
-async def _flight(
-    flights: dict[K, asyncio.Task[V]], key: K, fetch: Callable[[], Coroutine[Any, Any, V]]
-) -> V:
-    try:
-        return await fetch()
-    finally:
-        # leave at completion, in the same step that filled the cache
-        flights.pop(key, None)
-
-
-def _forget(flights: dict[K, asyncio.Task[V]], key: K, task: asyncio.Task[V]) -> None:
-    # a task cancelled before it started never ran ``_flight``'s finally
-    if flights.get(key) is task:
-        del flights[key]
