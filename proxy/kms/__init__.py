@@ -1,0 +1,1 @@
+"""KMS providers behind one interface, chosen by key-URI prefix, and the key service."""
