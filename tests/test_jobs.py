@@ -53,6 +53,14 @@ def envelope_of(config: Config, direct: Any, bucket: str, key: str) -> dict[str,
     return {k.lower().removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
 
 
+RGW_IF_MATCH = pytest.mark.xfail_backend(
+    "ceph",
+    reason="encrypt-existing is unusable on radosgw 16.2: it replaces the original with PUT "
+    'If-Match: "<etag>" (quoted, as RFC 9110 and AWS have it); radosgw compares a PUT\'s '
+    "If-Match with the unquoted ETag, answers 412, so every object is a conflict",
+)
+
+
 def stored(direct: Any, bucket: str, key: str) -> bytes:
     data: bytes = direct.get_object(Bucket=bucket, Key=key)["Body"].read()
     return data
@@ -95,6 +103,7 @@ def _plain_objects(direct: Any, bucket: str, n: int, size: int) -> dict[str, byt
     return objs
 
 
+@RGW_IF_MATCH
 @pytest.mark.parametrize("store", ["metadata", "sidecar"])
 def test_encrypt_existing_in_place_keeps_properties(
     backend: Server, direct: Any, keyfile: Path, store: str
@@ -153,6 +162,7 @@ def _write_config(config: Config, path: Path) -> Path:
     return path
 
 
+@RGW_IF_MATCH
 def test_encrypt_existing_killed_halfway_and_rerun(
     backend: Server, direct: Any, keyfile: Path, tmp_path: Path
 ) -> None:
@@ -182,6 +192,8 @@ def test_encrypt_existing_killed_halfway_and_rerun(
     try:
 
         def some_encrypted() -> bool:
+            if proc.poll() is not None:
+                return True  # finished early: fail at once below, not after the timeout
             try:
                 return "cmek-v" in envelope_of(config, direct, bucket, "data/000")
             except direct.exceptions.ClientError:
