@@ -53,14 +53,6 @@ def envelope_of(config: Config, direct: Any, bucket: str, key: str) -> dict[str,
     return {k.lower().removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
 
 
-RGW_IF_MATCH = pytest.mark.xfail_backend(
-    "ceph",
-    reason="encrypt-existing is unusable on radosgw 16.2: it replaces the original with PUT "
-    'If-Match: "<etag>" (quoted, as RFC 9110 and AWS have it); radosgw compares a PUT\'s '
-    "If-Match with the unquoted ETag, answers 412, so every object is a conflict",
-)
-
-
 def stored(direct: Any, bucket: str, key: str) -> bytes:
     data: bytes = direct.get_object(Bucket=bucket, Key=key)["Body"].read()
     return data
@@ -103,7 +95,6 @@ def _plain_objects(direct: Any, bucket: str, n: int, size: int) -> dict[str, byt
     return objs
 
 
-@RGW_IF_MATCH
 @pytest.mark.parametrize("store", ["metadata", "sidecar"])
 def test_encrypt_existing_in_place_keeps_properties(
     backend: Server, direct: Any, keyfile: Path, store: str
@@ -162,7 +153,6 @@ def _write_config(config: Config, path: Path) -> Path:
     return path
 
 
-@RGW_IF_MATCH
 def test_encrypt_existing_killed_halfway_and_rerun(
     backend: Server, direct: Any, keyfile: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,8 @@ import hashlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
+import aiohttp
+
 from proxy import crypto
 from proxy.backend.client import parse_error
 from proxy.control.jobs.common import (
@@ -190,28 +192,39 @@ async def encrypt_existing(
         recheck, _ = await ctx.backend.call("HEAD", bucket, key)
         if etag_core(recheck.headers.get("etag")) != etag:
             raise ConcurrentWrite(key)
-        checked = await get_ok(ctx.backend, bucket, tmp)
-        try:
-            put_headers = {
-                **headers,
-                **ctx.envelopes.put_headers(env),
-                "if-match": f'"{etag}"',
-                "content-md5": base64.b64encode(bytes.fromhex(md5)).decode(),
-            }
-            resp = await ctx.backend.request(
-                "PUT",
-                bucket,
-                key,
-                headers=put_headers,
-                body=iter_body(checked),
-                content_length=stored_size,
-            )
+        put_headers = {
+            **headers,
+            **ctx.envelopes.put_headers(env),
+            "content-md5": base64.b64encode(bytes.fromhex(md5)).decode(),
+        }
+
+        async def replace(if_match: str) -> tuple[aiohttp.ClientResponse, bytes]:
+            checked = await get_ok(ctx.backend, bucket, tmp)
             try:
-                data = await resp.read()
+                resp = await ctx.backend.request(
+                    "PUT",
+                    bucket,
+                    key,
+                    headers={**put_headers, "if-match": if_match},
+                    body=iter_body(checked),
+                    content_length=stored_size,
+                )
+                try:
+                    return resp, await resp.read()
+                finally:
+                    resp.release()
             finally:
-                resp.release()
-        finally:
-            checked.release()
+                checked.release()
+
+        resp, data = await replace(f'"{etag}"')
+        if resp.status == 412:
+            # Ceph RGW 16 compares a PUT's If-Match without the quotes HTTP puts around an
+            # entity tag, so the quoted form never matches there: when the object is still
+            # the version that was read, the unquoted form is the same condition.
+            again, _ = await ctx.backend.call("HEAD", bucket, key)
+            if etag_core(again.headers.get("etag")) != etag:
+                raise ConcurrentWrite(key)
+            resp, data = await replace(etag)
         if resp.status == 412:
             raise ConcurrentWrite(key)
         if resp.status != 200:
