@@ -236,6 +236,51 @@ def _jump_query(query: tuple[tuple[str, str], ...], kept: int) -> tuple[tuple[st
     return tuple(out)
 
 
+MAX_HOPS: Final = 20
+"""Backend pages of reserved versions or uploads skipped per client page, at most."""
+
+
+async def _follow(
+    fetch: Fetch, query: tuple[tuple[str, str], ...], page: Page, url_encoded: bool
+) -> tuple[list[Page], dict[str, str | None]]:
+    """Versions and uploads: page on with the backend's own markers past the reserved range
+    (moto drops the first key after a bare ``key-marker``, so no jump there), then cut the
+    result to what the client asked for, with markers at the last entry kept."""
+    uploads = dict(query).get("uploads") is not None
+    id_name = "UploadId" if uploads else "VersionId"
+    id_marker = "upload-id-marker" if uploads else "version-id-marker"
+    size_name = "max-uploads" if uploads else "max-keys"
+    try:
+        limit = int(dict(query).get(size_name, "1000"))
+    except ValueError:
+        limit = 1000
+    base = tuple((k, v) for k, v in query if k not in ("key-marker", id_marker, size_name))
+    pages = [page]
+    current = page
+    while current.ended_in_reserved and len(pages) <= MAX_HOPS:
+        key = _text(current.root, "NextKeyMarker")
+        if not key:
+            break
+        next_id = _text(current.root, "Next" + id_name + "Marker") or ""
+        marker = (("key-marker", key), (id_marker, next_id))
+        current = Page(await fetch((*base, *marker, (size_name, "1000"))), url_encoded)
+        pages.append(current)
+    nexts = {name: _text(current.root, name) for name in NEXT_TAGS}
+    kept = 0
+    trimmed = False
+    for p in pages:
+        room = max(0, limit - kept)
+        if len(p.entries) > room:
+            p.entries, trimmed = p.entries[:room], True
+        kept += len(p.entries)
+    last_el = next((e for p in reversed(pages) for e in reversed(p.entries)), None)
+    if trimmed and last_el is not None:
+        nexts["IsTruncated"] = "true"
+        nexts["NextKeyMarker"] = _text(last_el, "Key")
+        nexts["Next" + id_name + "Marker"] = _text(last_el, id_name)
+    return pages, nexts
+
+
 async def list_bucket(
     fetch: Fetch,
     query: tuple[tuple[str, str], ...],
@@ -245,35 +290,39 @@ async def list_bucket(
     tokens: TokenSealer,
 ) -> bytes:
     """Run one client listing against the backend and rewrite it for the client."""
-    url_encoded = dict(query).get("encoding-type") == "url"
-    client_token = dict(query).get("continuation-token")
+    given = dict(query)
+    url_encoded = given.get("encoding-type") == "url"
+    client_token = given.get("continuation-token")
     if client_token is not None:
         inner = tokens.open(client_token)
         query = tuple((k, inner if k == "continuation-token" else v) for k, v in query)
     page = Page(await fetch(query), url_encoded)
-    entries = page.entries
-    last = page
-    if page.ended_in_reserved:
-        last = Page(await fetch(_jump_query(query, len(entries))), url_encoded)
-        entries = entries + last.entries
+    pages = [page]
+    nexts = {name: _text(page.root, name) for name in NEXT_TAGS}
+    if page.ended_in_reserved and ("versions" in given or "uploads" in given):
+        pages, nexts = await _follow(fetch, query, page, url_encoded)
+    elif page.ended_in_reserved:
+        last = Page(await fetch(_jump_query(query, len(page.entries))), url_encoded)
+        pages.append(last)
+        nexts = {name: _text(last.root, name) for name in NEXT_TAGS}
     root = page.root
-    for name in NEXT_TAGS:
-        _set(root, name, _text(last.root, name))
+    for name, value in nexts.items():
+        _set(root, name, value)
     next_token = _text(root, "NextContinuationToken")
     if next_token:
         _set(root, "NextContinuationToken", tokens.seal(next_token))
     if client_token is not None:
         _set(root, "ContinuationToken", client_token)
     if _text(root, "KeyCount") is not None:
-        _set(root, "KeyCount", str(len(entries)))
-    for el in entries:
-        if local(el.tag) in ("Contents", "Version"):
-            _plaintext_view(el, bucket, policy, url_encoded, page.protect)
-        root.append(el)
+        _set(root, "KeyCount", str(sum(len(p.entries) for p in pages)))
+    for p in pages:
+        for el in p.entries:
+            if local(el.tag) in ("Contents", "Version"):
+                _plaintext_view(el, bucket, policy, url_encoded, p.protect)
+            root.append(el)
     out = ElementTree.tostring(root, encoding="unicode").replace("\r", "&#xD;")
-    out = page.protect.restore(out)
-    if last is not page:
-        out = last.protect.restore(out)
+    for p in pages:
+        out = p.protect.restore(out)
     return ('<?xml version="1.0" encoding="UTF-8"?>\n' + out).encode()
 
 
