@@ -61,11 +61,16 @@ def to_s3_error(exc: CmekError) -> S3Error:
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+def _percent(ch: str) -> str:
+    try:  # a header byte aiohttp could not decode arrives as a lone surrogate
+        return quote(ch.encode("utf-8", "surrogateescape"), safe="")
+    except UnicodeEncodeError:
+        return "%EF%BF%BD"
+
+
 def _xml_text(value: str) -> str:
     """Escaped text that any XML 1.0 parser reads: what it cannot hold is %-encoded."""
-    return escape(_NOT_XML.sub(lambda m: quote(m.group(0), safe=""), value)).replace(
-        "\r", "&#xD;"
-    )
+    return escape(_NOT_XML.sub(lambda m: _percent(m.group(0)), value)).replace("\r", "&#xD;")
 
 
 def error_response(
