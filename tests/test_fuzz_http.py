@@ -108,9 +108,13 @@ def _join(lines: list[bytes], body: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def _request_line(line: bytes) -> list[bytes]:
+    return [*line.split(b" ", 2), b"", b""][:3]
+
+
 def m_path(rng: random.Random, req: bytes) -> bytes:
     lines, body = _split(req)
-    method, target, version = (lines[0].split(b" ", 2) + [b"", b""])[:3]
+    method, target, version = _request_line(lines[0])
     pos = rng.randrange(len(target) + 1)
     ins = rng.choice(NASTY_PATH).encode()
     lines[0] = b" ".join([method, target[:pos] + ins + target[pos:], version])
@@ -119,7 +123,7 @@ def m_path(rng: random.Random, req: bytes) -> bytes:
 
 def m_query(rng: random.Random, req: bytes) -> bytes:
     lines, body = _split(req)
-    method, target, version = (lines[0].split(b" ", 2) + [b"", b""])[:3]
+    method, target, version = _request_line(lines[0])
     sep = b"&" if b"?" in target else b"?"
     lines[0] = b" ".join([method, target + sep + rng.choice(NASTY_QUERY).encode(), version])
     return _join(lines, body)
@@ -178,7 +182,7 @@ def m_huge(rng: random.Random, req: bytes) -> bytes:
     elif kind == 1:
         lines[1:1] = [b"X-%d: v" % i for i in range(rng.choice([100, 130, 500]))]
     else:
-        method, target, version = (lines[0].split(b" ", 2) + [b"", b""])[:3]
+        method, target, version = _request_line(lines[0])
         lines[0] = b" ".join([method, target + b"a" * rng.choice([1000, 8200, 20000]), version])
     return _join(lines, body)
 
@@ -233,7 +237,9 @@ def test_fuzz_raw_requests(
         case = f"seed={SEED} #{i} {method} {target} {'+'.join(names)}: {req[:300]!r}"
         sent_method = req.split(b" ", 1)[0]
         try:
-            r = exchange(host, req, timeout=5 if may_wait else DEADLINE, head=sent_method == b"HEAD")
+            r = exchange(
+                host, req, timeout=5 if may_wait else DEADLINE, head=sent_method == b"HEAD"
+            )
         except TimeoutError:
             assert may_wait, f"no answer in time: {case}"
             outcomes["wait"] = outcomes.get("wait", 0) + 1
