@@ -282,3 +282,34 @@ def test_expect_other_than_100_continue_is_ignored(
     r = _send(proxy, "PUT", f"/{bucket}/e2", b"body", headers={"Expect": "x"})
     assert r.status == 200
     assert client.get_object(Bucket=bucket, Key="e2")["Body"].read() == b"body"
+
+
+# --------------------------------------------------------------------------- fuzzer findings
+
+
+def test_header_bytes_that_are_not_utf8(proxy: ProxyThread, client: Any, bucket: str) -> None:
+    """Found by tests/test_fuzz_http.py: a non-UTF-8 header byte made the proxy fail (500)
+    forwarding it, or rendering an error message that quoted it."""
+    client.put_object(Bucket=bucket, Key="h", Body=b"x")
+    host = _host(proxy)
+    for name in (b"x-amz-meta-a", b"Content-Type", b"If-Match"):
+        req = signed(host, "PUT", f"/{bucket}/h2", b"body")
+        req = req.replace(b"\r\n\r\n", b"\r\n" + name + b": \xff\xe0 v\r\n\r\n", 1)
+        _s3_error(exchange(host, req), 400, "InvalidArgument")
+    req = signed(host, "GET", f"/{bucket}/h").replace(b"aws4_request", b"aw\xc1_request")
+    r = exchange(host, req)
+    assert r.status == 400 and r.is_s3_xml() and r.code, r
+    with pytest.raises(ClientError):
+        client.head_object(Bucket=bucket, Key="h2")
+
+
+def test_date_condition_that_is_no_date_is_ignored(
+    proxy: ProxyThread, client: Any, bucket: str
+) -> None:
+    """Found by the fuzzer: ``If-Modified-Since: never`` reached moto, which answered 500."""
+    client.put_object(Bucket=bucket, Key="c", Body=b"cond")
+    for h in ("If-Modified-Since", "If-Unmodified-Since"):
+        r = _send(proxy, "GET", f"/{bucket}/c", headers={h: "never"})
+        assert (r.status, r.body) == (200, b"cond"), r
+        r = _send(proxy, "HEAD", f"/{bucket}/c", headers={h: "31 Feb 20xx"})
+        assert r.status == 200, r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 from collections.abc import Mapping
 
@@ -18,7 +19,7 @@ from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.delete_objects import DeleteOutcome, delete_objects
 from proxy.s3.listing import TokenSealer, list_bucket
 from proxy.s3.routing import Target
-from proxy.wire.names import check_key
+from proxy.wire.names import check_bucket, check_key
 from proxy.wire.xmldoc import local, malformed_xml, parse_client
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,24 @@ NOT_A_LISTING = frozenset({"delete", "uploadId", "partNumber", "restore", "selec
 
 
 def _cond(request: web.Request) -> dict[str, str]:
-    return {h: request.headers[h] for h in COND_HEADERS if h in request.headers}
+    """The request's conditions; a date condition that is no HTTP-date is ignored, as
+    RFC 9110 (13.1.3, 13.1.4) and S3 do (a backend may answer it with a 500)."""
+    out = {}
+    for h in COND_HEADERS:
+        value = request.headers.get(h)
+        if value is None:
+            continue
+        if h.endswith("-since") and not _is_http_date(value):
+            continue
+        out[h] = value
+    return out
+
+
+def _is_http_date(value: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError, IndexError):
+        return False
 
 
 def _query_pass(target: Target, drop: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
@@ -81,7 +99,9 @@ class S3Handlers:
         verified = await self.auth.authenticate(request)
         source = request.headers.get("x-amz-copy-source")
         if source is not None and request.method == "PUT" and target.key is not None:
-            check_key(parse_copy_source(source).key)  # the same rules as the key written
+            src = parse_copy_source(source)  # the same rules as the bucket and key written
+            check_bucket(src.bucket)
+            check_key(src.key)
         for sub, why in REFUSED.items():
             if target.has(sub) and not (sub == "encryption" and request.method == "GET"):
                 raise S3Error("NotImplemented", f"cmek-proxy refuses this on purpose: {why}", 501)

@@ -160,6 +160,8 @@ def parse_listing(data: bytes) -> tuple[ElementTree.Element, _Protected]:
     protect = _Protected(text)
     hidden = protect.hide(text)
     hidden = re.sub(r"^<\?xml[^>]*\?>", "", hidden.lstrip())
+    if "<!DOCTYPE" in hidden[:1024].upper():
+        raise FormatError("backend listing carries a DTD")  # nothing of it is ever resolved
     try:
         return ElementTree.fromstring(hidden), protect  # noqa: S314 - see proxy.wire.xmldoc
     except ElementTree.ParseError as exc:

@@ -62,7 +62,7 @@ def header_section_too_large() -> S3Error:
 
 
 def check_request_limits(request: web.Request, target: Target) -> None:
-    """S3's size limits on the header section and on user metadata."""
+    """S3's size limits on the header section and on user metadata; UTF-8 header values."""
     size = 0
     meta = 0
     for name, value in request.raw_headers:
@@ -71,6 +71,11 @@ def check_request_limits(request: web.Request, target: Target) -> None:
             meta += len(name) - 11 + len(value)
     if size > MAX_HEADER_SECTION:
         raise header_section_too_large()
+    for text in request.headers.values():
+        try:  # bytes that are not UTF-8 arrive as lone surrogates and could never be sent on
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise S3Error("InvalidArgument", "A header value is not valid UTF-8.", 400) from None
     if meta > MAX_USER_METADATA and target.key is not None and request.method in ("PUT", "POST"):
         raise S3Error(
             "MetadataTooLarge",
