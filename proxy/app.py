@@ -34,7 +34,7 @@ from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
 from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
-from proxy.s3.server import make_s3_app
+from proxy.s3.server import S3AppRunner, make_s3_app
 from proxy.wire.sigv4 import Credentials
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Running:
 async def start(config: Config, proxy: Proxy | None = None) -> Running:
     """Start both listeners; ports 0 pick free ports (reported back)."""
     proxy = proxy or build(config)
-    s3_runner = web.AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
+    s3_runner = S3AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
     await admin_runner.setup()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -56,14 +58,29 @@ def to_s3_error(exc: CmekError) -> S3Error:
     return S3Error("InternalError", "We encountered an internal error. Please try again.", 500)
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _percent(ch: str) -> str:
+    try:  # a header byte aiohttp could not decode arrives as a lone surrogate
+        return quote(ch.encode("utf-8", "surrogateescape"), safe="")
+    except UnicodeEncodeError:
+        return "%EF%BF%BD"
+
+
+def _xml_text(value: str) -> str:
+    """Escaped text that any XML 1.0 parser reads: what it cannot hold is %-encoded."""
+    return escape(_NOT_XML.sub(lambda m: _percent(m.group(0)), value)).replace("\r", "&#xD;")
+
+
 def error_response(
     err: S3Error, *, resource: str, request_id: str, head: bool = False
 ) -> web.Response:
-    extra = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in err.extra.items())
+    extra = "".join(f"<{k}>{_xml_text(v)}</{k}>" for k, v in err.extra.items())
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{escape(err.code)}</Code><Message>{escape(err.message)}</Message>"
-        f"{extra}<Resource>{escape(resource)}</Resource>"
+        f"<Error><Code>{_xml_text(err.code)}</Code><Message>{_xml_text(err.message)}</Message>"
+        f"{extra}<Resource>{_xml_text(resource)}</Resource>"
         f"<RequestId>{request_id}</RequestId></Error>"
     ).encode()
     headers = {"x-amz-request-id": request_id, **err.headers}

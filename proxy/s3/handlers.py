@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 from collections.abc import Mapping
 
@@ -10,13 +11,16 @@ from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, IntegrityError, S3Error
-from proxy.layer.copy import CopyLayer
+from proxy.layer.copy import CopyLayer, parse_copy_source
 from proxy.layer.multipart import MultipartLayer
 from proxy.layer.objects import GetResult, ObjectLayer
 from proxy.layer.part_reads import PartReader
 from proxy.s3.auth import Authenticator, VerifiedRequest
-from proxy.s3.listing import rewrite_listing
+from proxy.s3.delete_objects import DeleteOutcome, delete_objects
+from proxy.s3.listing import TokenSealer, list_bucket
 from proxy.s3.routing import Target
+from proxy.wire.names import check_bucket, check_key
+from proxy.wire.xmldoc import local, malformed_xml, parse_client
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,29 @@ REFUSED = {
     "torrent": "torrents would serve ciphertext",
     "encryption": "bucket default encryption is managed by cmek-proxy",
 }
+# Subresources that name another operation: never read as a listing of the bucket.
+NOT_A_LISTING = frozenset({"delete", "uploadId", "partNumber", "restore", "select", "uploads"})
 
 
 def _cond(request: web.Request) -> dict[str, str]:
-    return {h: request.headers[h] for h in COND_HEADERS if h in request.headers}
+    """The request's conditions; a date condition that is no HTTP-date is ignored, as
+    RFC 9110 (13.1.3, 13.1.4) and S3 do (a backend may answer it with a 500)."""
+    out = {}
+    for h in COND_HEADERS:
+        value = request.headers.get(h)
+        if value is None:
+            continue
+        if h.endswith("-since") and not _is_http_date(value):
+            continue
+        out[h] = value
+    return out
+
+
+def _is_http_date(value: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError, IndexError):
+        return False
 
 
 def _query_pass(target: Target, drop: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
@@ -70,9 +93,15 @@ class S3Handlers:
         self.multipart = MultipartLayer(objects)
         self.copies = CopyLayer(objects, self.multipart)
         self.parts = PartReader(objects)
+        self.tokens = TokenSealer(backend.cfg.secret_key)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
+        source = request.headers.get("x-amz-copy-source")
+        if source is not None and request.method == "PUT" and target.key is not None:
+            src = parse_copy_source(source)  # the same rules as the bucket and key written
+            check_bucket(src.bucket)
+            check_key(src.key)
         for sub, why in REFUSED.items():
             if target.has(sub) and not (sub == "encryption" and request.method == "GET"):
                 raise S3Error("NotImplemented", f"cmek-proxy refuses this on purpose: {why}", 501)
@@ -93,27 +122,51 @@ class S3Handlers:
         if any(t.has(s) for s in BUCKET_PASS):
             return await self._passthrough(request, t, v)
         if m == "GET" and (t.has("uploads")):
-            return await self._passthrough(request, t, v)
-        if m == "GET":
+            return await self._list(request, t)
+        if m == "GET" and not any(t.has(s) for s in NOT_A_LISTING):
             return await self._list(request, t)
         if m in ("PUT", "DELETE", "HEAD") and not t.query:
             return await self._passthrough(request, t, v)
         if m == "POST" and t.has("delete"):
-            return await self._passthrough(request, t, v)
+            outcome = await self._delete_objects(request, t, v)
+            return _xml(outcome.document, {})
+        if m == "GET":
+            raise S3Error("MethodNotAllowed", "The specified method is not allowed", 405)
         raise S3Error("NotImplemented", "This bucket operation is not supported", 501)
+
+    async def _delete_objects(
+        self, request: web.Request, t: Target, v: VerifiedRequest
+    ) -> DeleteOutcome:
+        """DeleteObjects; ``outcome.deleted`` is what the backend reports deleted."""
+        assert t.bucket is not None
+        body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+        return await delete_objects(self.backend, t.bucket, body)
 
     async def _list(self, request: web.Request, t: Target) -> web.StreamResponse:
         assert t.bucket is not None
-        _, body = await self.backend.call("GET", t.bucket, query=t.query)
-        url_encoded = t.get("encoding-type") == "url"
-        out = rewrite_listing(body, t.bucket, self.objects.policy, url_encoded)
+        bucket = t.bucket
+
+        async def fetch(query: tuple[tuple[str, str], ...]) -> bytes:
+            _, body = await self.backend.call("GET", bucket, query=query)
+            return body
+
+        out = await list_bucket(
+            fetch, t.query, bucket=bucket, policy=self.objects.policy, tokens=self.tokens
+        )
         return web.Response(body=out, content_type="application/xml")
 
     async def _passthrough(
         self, request: web.Request, t: Target, v: VerifiedRequest
     ) -> web.StreamResponse:
-        """Forward a small, data-free request (bucket ops, configuration, tagging)."""
-        body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+        """Forward a small, data-free request (bucket ops, configuration, tagging).
+
+        Only PUT and POST carry a body: GET, HEAD and DELETE never wait for one (a
+        ``Transfer-Encoding: chunked`` DELETE that sends nothing is answered at once).
+        """
+        body = b""
+        if request.method in ("PUT", "POST"):
+            body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            check_document(t, body)
         headers = {
             k: request.headers[k]
             for k in (
@@ -273,6 +326,22 @@ _RESPONSE_OVERRIDES = (
     "response-content-disposition",
     "response-content-encoding",
 )
+
+
+def check_document(t: Target, body: bytes) -> None:
+    """A configuration document is well-formed, DTD-free XML before any backend sees it
+    (a backend may answer garbage with a 500); tagging is checked against its schema."""
+    if not body or t.has("policy"):  # a bucket policy is JSON
+        return
+    root = parse_client(body)
+    if t.has("tagging"):
+        tag_sets = [el for el in root if local(el.tag) == "TagSet"]
+        if local(root.tag) != "Tagging" or len(tag_sets) != 1:
+            raise malformed_xml()
+        for tag in tag_sets[0]:
+            names = sorted(local(c.tag) for c in tag)
+            if local(tag.tag) != "Tag" or names != ["Key", "Value"]:
+                raise malformed_xml()
 
 
 def _xml(doc: bytes, headers: Mapping[str, str]) -> web.Response:

@@ -1,36 +1,110 @@
-"""Listing rewrites: plaintext sizes and client ETags, reserved keys hidden.
+"""Listings: plaintext sizes and client ETags, the proxy's own keys never shown or reached.
 
 Sizes come from pure arithmetic on the stored size (``proxy.crypto.plaintext_size``),
 so a listing costs exactly the backend's listing requests - never a HEAD per object.
 Which entries are encrypted is decided by the policy for their path, plus the
 format's impossible sizes (a stored size no v1 object can have is plaintext).
+
+The reserved prefix stays sealed whatever the client asks for:
+
+* every entry that names reserved state (``is_reserved_name``) is removed, in
+  ListObjects, ListObjectsV2, ListObjectVersions and ListMultipartUploads;
+* a page the backend ended inside the reserved range is completed by a second backend
+  request that starts after it (``RESERVED_END``), so no page is ever empty-but-truncated
+  and no marker or token a client gets points into the reserved keys;
+* continuation tokens are the proxy's own: the backend's token, authenticated with a key
+  derived from the backend credentials (``TokenSealer``).  A token the proxy did not issue
+  is InvalidArgument, so a client can never hand the backend a position of its choosing.
+
+Keys with characters XML 1.0 cannot carry (control characters, U+FFFE/U+FFFF) do not
+break a listing: they survive the rewrite and are written as character references, as S3
+writes them; clients that cannot read those ask for ``encoding-type=url``, as the SDKs do.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Final
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from proxy import crypto
-from proxy.errors import FormatError
+from proxy.errors import FormatError, S3Error
 from proxy.layer.decision import KeyPolicy
 from proxy.layer.objects import client_etag
+from proxy.wire.names import is_reserved_name
 from proxy.wire.reserved import RESERVED_PREFIX
-from proxy.wire.xmldoc import parse_backend
+from proxy.wire.xmldoc import local
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
-_Q = f"{{{S3_NS}}}"
 ElementTree.register_namespace("", S3_NS)
 
+RESERVED_END: Final = RESERVED_PREFIX + "\x7f"
+"""After every key the proxy writes under the reserved prefix (they are all printable
+ASCII): a listing that starts after it has left the reserved range."""
+ENTRY_TAGS: Final = ("Contents", "Version", "DeleteMarker", "Upload", "CommonPrefixes")
+NEXT_TAGS: Final = (
+    "IsTruncated",
+    "NextMarker",
+    "NextContinuationToken",
+    "NextKeyMarker",
+    "NextVersionIdMarker",
+    "NextUploadIdMarker",
+)
+_XML_CHAR: Final = re.compile("[\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_NEEDS_CARE: Final = re.compile(
+    "[^\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]|\r|&#x[0-9a-fA-F]+;|&#[0-9]+;"
+)
+"""Raw characters XML 1.0 cannot hold, raw CRs (a parser would read them as LF), and
+character references (some of which name such characters)."""
 
-def _find(el: ElementTree.Element, name: str) -> ElementTree.Element | None:
-    found = el.find(_Q + name)
-    return found if found is not None else el.find(name)
+Fetch = Callable[[tuple[tuple[str, str], ...]], Awaitable[bytes]]
 
 
-def _children(el: ElementTree.Element, name: str) -> list[ElementTree.Element]:
-    return el.findall(_Q + name) + el.findall(name)
+def invalid_token() -> S3Error:
+    return S3Error(
+        "InvalidArgument",
+        "The continuation token provided is incorrect",
+        400,
+        extra={"ArgumentName": "continuation-token"},
+    )
+
+
+class TokenSealer:
+    """Backend continuation tokens wrapped so only tokens the proxy issued come back.
+
+    The key is derived from the backend secret, so tokens survive a restart and work on
+    every replica of one deployment.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._key = hashlib.sha256(b"cmek-proxy listing tokens\0" + secret.encode()).digest()
+
+    def _tag(self, token: bytes) -> bytes:
+        return hmac.new(self._key, token, hashlib.sha256).digest()[:16]
+
+    def seal(self, backend_token: str) -> str:
+        raw = backend_token.encode()
+        return base64.urlsafe_b64encode(self._tag(raw) + raw).decode().rstrip("=")
+
+    def open(self, token: str) -> str:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except ValueError:
+            raise invalid_token() from None
+        tag, inner = raw[:16], raw[16:]
+        if len(raw) < 16 or not hmac.compare_digest(tag, self._tag(inner)):
+            raise invalid_token()
+        try:
+            return inner.decode()
+        except UnicodeDecodeError:
+            raise invalid_token() from None
 
 
 def _iso_time(value: str | None) -> float | None:
@@ -42,46 +116,239 @@ def _iso_time(value: str | None) -> float | None:
         return None
 
 
-def rewrite_listing(body: bytes, bucket: str, policy: KeyPolicy, url_encoded: bool) -> bytes:
-    """Rewrite a ListObjects / ListObjectsV2 / ListObjectVersions result."""
-    root = parse_backend(body)
-    removed = 0
-    for tag in ("Contents", "Version"):
-        for entry in _children(root, tag):
-            key_el = _find(entry, "Key")
-            if key_el is None or key_el.text is None:
+class _Protected:
+    """Characters XML 1.0 cannot hold, swapped for markers around the parse and back."""
+
+    def __init__(self, text: str) -> None:
+        self.mark = "cmekc" + secrets.token_hex(8)
+        while self.mark in text:
+            self.mark = "cmekc" + secrets.token_hex(8)
+        self.found = False
+
+    def hide(self, text: str) -> str:
+        def sub(m: re.Match[str]) -> str:
+            s = m.group(0)
+            if s.startswith("&#"):
+                code = int(s[3:-1], 16) if s[2] == "x" else int(s[2:-1])
+                if code != 0x0D and code <= 0x10FFFF and _XML_CHAR.fullmatch(chr(code)):
+                    return s  # an ordinary reference: the parser reads it right
+            else:
+                code = ord(s)
+            self.found = True
+            return f"{self.mark}{code:x}."
+
+        return _NEEDS_CARE.sub(sub, text)
+
+    def restore(self, text: str) -> str:
+        if not self.found:
+            return text
+        return re.sub(re.escape(self.mark) + "([0-9a-f]+)[.]", lambda m: f"&#x{m.group(1)};", text)
+
+    def real(self, text: str) -> str:
+        """The key a protected text stands for (for the reserved-name check)."""
+        if not self.found:
+            return text
+        return re.sub(
+            re.escape(self.mark) + "([0-9a-f]+)[.]",
+            lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)),
+            text,
+        )
+
+
+def parse_listing(data: bytes) -> tuple[ElementTree.Element, _Protected]:
+    text = data.decode("utf-8", "replace")
+    protect = _Protected(text)
+    hidden = protect.hide(text)
+    hidden = re.sub(r"^<\?xml[^>]*\?>", "", hidden.lstrip())
+    if "<!DOCTYPE" in hidden[:1024].upper():
+        raise FormatError("backend listing carries a DTD")  # nothing of it is ever resolved
+    try:
+        return ElementTree.fromstring(hidden), protect  # noqa: S314 - see proxy.wire.xmldoc
+    except ElementTree.ParseError as exc:
+        raise FormatError("backend sent a malformed listing") from exc
+
+
+def _text(el: ElementTree.Element, name: str) -> str | None:
+    for child in el:
+        if local(child.tag) == name:
+            return child.text
+    return None
+
+
+def _set(root: ElementTree.Element, name: str, value: str | None) -> None:
+    for child in list(root):
+        if local(child.tag) == name:
+            if value is None:
+                root.remove(child)
+            else:
+                child.text = value
+            return
+    if value is not None:
+        ElementTree.SubElement(root, f"{{{S3_NS}}}{name}" if root.tag.startswith("{") else name)
+        _set(root, name, value)
+
+
+class Page:
+    """One backend page, its reserved entries removed."""
+
+    def __init__(self, data: bytes, url_encoded: bool) -> None:
+        self.root, self.protect = parse_listing(data)
+        self.entries: list[ElementTree.Element] = []
+        self.ended_in_reserved = False
+        last_name = ""
+        for el in list(self.root):
+            if local(el.tag) not in ENTRY_TAGS:
                 continue
-            key = unquote(key_el.text) if url_encoded else key_el.text
-            if key.startswith(RESERVED_PREFIX):
-                root.remove(entry)
-                removed += 1
-                continue
-            size_el = _find(entry, "Size")
-            modified_el = _find(entry, "LastModified")
-            modified = _iso_time(modified_el.text if modified_el is not None else None)
-            if (
-                size_el is None
-                or size_el.text is None
-                or not policy.may_be_encrypted(bucket, key, modified)
-            ):
-                continue
-            try:
-                plain = crypto.plaintext_size(int(size_el.text))
-            except (FormatError, ValueError):
-                continue  # cannot be a v1 object: stored as sent
-            size_el.text = str(plain)
-            etag_el = _find(entry, "ETag")
-            if etag_el is not None and etag_el.text:
-                etag_el.text = client_etag(etag_el.text, True)
-    for tag in ("CommonPrefixes",):
-        for cp in _children(root, tag):
-            p = _find(cp, "Prefix")
-            if p is not None and p.text:
-                text = unquote(p.text) if url_encoded else p.text
-                if text.startswith(RESERVED_PREFIX):
-                    root.remove(cp)
-    if removed:
-        kc = _find(root, "KeyCount")
-        if kc is not None and kc.text and kc.text.isdigit():
-            kc.text = str(max(0, int(kc.text) - removed))
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root)
+            self.root.remove(el)
+            raw = _text(el, "Prefix" if local(el.tag) == "CommonPrefixes" else "Key") or ""
+            name = self.protect.real(unquote(raw) if url_encoded else raw)
+            last_name = max(last_name, name)
+            if not is_reserved_name(name):
+                self.entries.append(el)
+        truncated = (_text(self.root, "IsTruncated") or "").strip().lower() == "true"
+        self.truncated = truncated
+        self.ended_in_reserved = truncated and last_name.startswith(RESERVED_PREFIX)
+
+
+def _jump_query(query: tuple[tuple[str, str], ...], kept: int) -> tuple[tuple[str, str], ...]:
+    """The client's query, restarted after the reserved range, for what is left of a page."""
+    given = dict(query)
+    try:
+        max_keys = int(given.get("max-keys", "1000"))
+    except ValueError:
+        max_keys = 1000
+    drop = {
+        "marker",
+        "start-after",
+        "continuation-token",
+        "key-marker",
+        "version-id-marker",
+        "upload-id-marker",
+        "max-keys",
+        "max-uploads",
+    }
+    out = [(k, v) for k, v in query if k not in drop]
+    if "versions" in given or "uploads" in given:
+        out.append(("key-marker", RESERVED_END))
+    elif given.get("list-type") == "2":
+        out.append(("start-after", RESERVED_END))
+    else:
+        out.append(("marker", RESERVED_END))
+    out.append(("max-uploads" if "uploads" in given else "max-keys", str(max(1, max_keys - kept))))
+    return tuple(out)
+
+
+MAX_HOPS: Final = 20
+"""Backend pages of reserved versions or uploads skipped per client page, at most."""
+
+
+async def _follow(
+    fetch: Fetch, query: tuple[tuple[str, str], ...], page: Page, url_encoded: bool
+) -> tuple[list[Page], dict[str, str | None]]:
+    """Versions and uploads: page on with the backend's own markers past the reserved range
+    (moto drops the first key after a bare ``key-marker``, so no jump there), then cut the
+    result to what the client asked for, with markers at the last entry kept."""
+    uploads = dict(query).get("uploads") is not None
+    id_name = "UploadId" if uploads else "VersionId"
+    id_marker = "upload-id-marker" if uploads else "version-id-marker"
+    size_name = "max-uploads" if uploads else "max-keys"
+    try:
+        limit = int(dict(query).get(size_name, "1000"))
+    except ValueError:
+        limit = 1000
+    base = tuple((k, v) for k, v in query if k not in ("key-marker", id_marker, size_name))
+    pages = [page]
+    current = page
+    while current.ended_in_reserved and len(pages) <= MAX_HOPS:
+        key = _text(current.root, "NextKeyMarker")
+        if not key:
+            break
+        next_id = _text(current.root, "Next" + id_name + "Marker") or ""
+        marker = (("key-marker", key), (id_marker, next_id))
+        current = Page(await fetch((*base, *marker, (size_name, "1000"))), url_encoded)
+        pages.append(current)
+    nexts = {name: _text(current.root, name) for name in NEXT_TAGS}
+    kept = 0
+    trimmed = False
+    for p in pages:
+        room = max(0, limit - kept)
+        if len(p.entries) > room:
+            p.entries, trimmed = p.entries[:room], True
+        kept += len(p.entries)
+    last_el = next((e for p in reversed(pages) for e in reversed(p.entries)), None)
+    if trimmed and last_el is not None:
+        nexts["IsTruncated"] = "true"
+        nexts["NextKeyMarker"] = _text(last_el, "Key")
+        nexts["Next" + id_name + "Marker"] = _text(last_el, id_name)
+    return pages, nexts
+
+
+async def list_bucket(
+    fetch: Fetch,
+    query: tuple[tuple[str, str], ...],
+    *,
+    bucket: str,
+    policy: KeyPolicy,
+    tokens: TokenSealer,
+) -> bytes:
+    """Run one client listing against the backend and rewrite it for the client."""
+    given = dict(query)
+    url_encoded = given.get("encoding-type") == "url"
+    client_token = given.get("continuation-token")
+    if client_token is not None:
+        inner = tokens.open(client_token)
+        query = tuple((k, inner if k == "continuation-token" else v) for k, v in query)
+    page = Page(await fetch(query), url_encoded)
+    pages = [page]
+    nexts = {name: _text(page.root, name) for name in NEXT_TAGS}
+    if page.ended_in_reserved and ("versions" in given or "uploads" in given):
+        pages, nexts = await _follow(fetch, query, page, url_encoded)
+    elif page.ended_in_reserved:
+        last = Page(await fetch(_jump_query(query, len(page.entries))), url_encoded)
+        pages.append(last)
+        nexts = {name: _text(last.root, name) for name in NEXT_TAGS}
+    root = page.root
+    for name, value in nexts.items():
+        _set(root, name, value)
+    next_token = _text(root, "NextContinuationToken")
+    if next_token:
+        _set(root, "NextContinuationToken", tokens.seal(next_token))
+    if client_token is not None:
+        _set(root, "ContinuationToken", client_token)
+    if _text(root, "KeyCount") is not None:
+        _set(root, "KeyCount", str(sum(len(p.entries) for p in pages)))
+    for p in pages:
+        for el in p.entries:
+            if local(el.tag) in ("Contents", "Version"):
+                _plaintext_view(el, bucket, policy, url_encoded, p.protect)
+            root.append(el)
+    out = ElementTree.tostring(root, encoding="unicode").replace("\r", "&#xD;")
+    for p in pages:
+        out = p.protect.restore(out)
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n' + out).encode()
+
+
+def _plaintext_view(
+    entry: ElementTree.Element,
+    bucket: str,
+    policy: KeyPolicy,
+    url_encoded: bool,
+    protect: _Protected,
+) -> None:
+    """Plaintext size and client ETag for an entry that may be encrypted."""
+    raw = _text(entry, "Key") or ""
+    key = protect.real(unquote(raw) if url_encoded else raw)
+    size_el = next((c for c in entry if local(c.tag) == "Size"), None)
+    modified = _iso_time(_text(entry, "LastModified"))
+    if size_el is None or size_el.text is None:
+        return
+    if not policy.may_be_encrypted(bucket, key, modified):
+        return
+    try:
+        plain = crypto.plaintext_size(int(size_el.text))
+    except (FormatError, ValueError):
+        return  # cannot be a v1 object: stored as sent
+    size_el.text = str(plain)
+    etag_el = next((c for c in entry if local(c.tag) == "ETag"), None)
+    if etag_el is not None and etag_el.text:
+        etag_el.text = client_etag(etag_el.text, True)

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from proxy.errors import S3Error
-from proxy.wire.reserved import RESERVED_PREFIX
+from proxy.wire.names import check_bucket, check_key
 
 CLIENT_ONLY_PARAMS = frozenset(
     {
@@ -54,28 +54,49 @@ class Target:
         return f"/{self.bucket}" + (f"/{self.key}" if self.key is not None else "")
 
 
+def _invalid_uri() -> S3Error:
+    return S3Error("InvalidURI", "Couldn't parse the specified URI.", 400)
+
+
+def _decode(part: str) -> str:
+    """Percent-decoding that refuses what is not UTF-8 (no silent U+FFFD in a key)."""
+    try:
+        return unquote(part, errors="strict")
+    except UnicodeDecodeError:
+        raise _invalid_uri() from None
+
+
 def route(request: web.Request, virtual_host_domain: str | None) -> Target:
+    """The bucket and key a request names; an S3 error for a name it must not use.
+
+    Strict on purpose: an empty bucket segment (``//B/key``) or a target that is not a path
+    is an error, never read as another operation (``PUT /`` on the backend).
+    """
     raw = request.raw_path
     path, _, raw_query = raw.partition("?")
-    query = tuple(
-        (k, v)
-        for k, v in parse_qsl(raw_query, keep_blank_values=True)
-        if k not in CLIENT_ONLY_PARAMS
-    )
+    if not path.startswith("/"):
+        raise _invalid_uri()
+    try:
+        pairs = parse_qsl(raw_query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise _invalid_uri() from None
+    query = tuple((k, v) for k, v in pairs if k not in CLIENT_ONLY_PARAMS)
     host = (request.host or "").split(":")[0].lower()
     bucket: str | None
     key: str | None
     if virtual_host_domain and host.endswith("." + virtual_host_domain.lower()):
         bucket = host[: -len(virtual_host_domain) - 1]
-        key = unquote(path[1:]) if len(path) > 1 else None
+        key = _decode(path[1:]) if len(path) > 1 else None
     else:
         stripped = path[1:]
         if not stripped:
             bucket, key = None, None
         else:
             b, sep, k = stripped.partition("/")
-            bucket = unquote(b)
-            key = unquote(k) if sep and k != "" else None
-    if key is not None and key.startswith(RESERVED_PREFIX):
-        raise S3Error("AccessDenied", "this key prefix is reserved by cmek-proxy", 403)
+            bucket = _decode(b)
+            key = _decode(k) if sep and k != "" else None
+    if bucket is not None:
+        check_bucket(bucket)
+    if key is not None:
+        check_key(key)
     return Target(bucket, key, query)

@@ -1,15 +1,16 @@
 """Small S3 XML documents: building answers and reading client and backend documents.
 
 Parsing uses the standard library: expat >= 2.4.1 (checked at import) bounds entity
-amplification, and ElementTree never resolves external entities, so the attacks defusedxml
-guards against do not apply.
+amplification, and ElementTree never resolves external entities.  A client's document is
+parsed stricter still (``parse_client``): any DTD - and so any entity declaration, internal
+or external - is refused as MalformedXML before it is read, as defusedxml's forbid_dtd does.
 """
 
 from __future__ import annotations
 
 import pyexpat
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
@@ -38,6 +39,45 @@ def parse_backend(data: bytes) -> ElementTree.Element:
         return ElementTree.fromstring(data)  # noqa: S314 - see module docstring
     except ElementTree.ParseError as exc:
         raise FormatError("backend sent malformed XML") from exc
+
+
+def malformed_xml() -> S3Error:
+    return S3Error(
+        "MalformedXML",
+        "The XML you provided was not well-formed or did not validate against our "
+        "published schema.",
+        400,
+    )
+
+
+class _DtdRefused(Exception):
+    pass
+
+
+def _refuse(*_: object) -> Any:
+    raise _DtdRefused
+
+
+def parse_client(data: bytes) -> ElementTree.Element:
+    """A client's XML document; MalformedXML for anything not plain, DTD-free XML."""
+    builder = ElementTree.TreeBuilder()
+    parser = pyexpat.ParserCreate(namespace_separator="}")
+
+    def qname(tag: str) -> str:
+        return "{" + tag if "}" in tag else tag
+
+    parser.StartElementHandler = lambda tag, attrs: builder.start(qname(tag), attrs)
+    parser.EndElementHandler = lambda tag: builder.end(qname(tag))
+    parser.CharacterDataHandler = builder.data
+    parser.StartDoctypeDeclHandler = _refuse
+    parser.EntityDeclHandler = _refuse
+    parser.ExternalEntityRefHandler = _refuse
+    parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(data, True)
+        return builder.close()
+    except (pyexpat.ExpatError, _DtdRefused, AssertionError, IndexError) as exc:
+        raise malformed_xml() from exc
 
 
 def child_text(root: ElementTree.Element, name: str) -> str:
