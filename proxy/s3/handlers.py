@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.layer.cleanup import deleted_keys, forget_deleted, purge_reserved
 from proxy.layer.copy import CopyLayer
 from proxy.layer.multipart import MultipartLayer
 from proxy.layer.objects import GetResult, ObjectLayer
@@ -90,16 +91,25 @@ class S3Handlers:
         self, request: web.Request, t: Target, v: VerifiedRequest
     ) -> web.StreamResponse:
         m = request.method
+        assert t.bucket is not None
         if any(t.has(s) for s in BUCKET_PASS):
             return await self._passthrough(request, t, v)
         if m == "GET" and (t.has("uploads")):
             return await self._passthrough(request, t, v)
         if m == "GET":
             return await self._list(request, t)
-        if m in ("PUT", "DELETE", "HEAD") and not t.query:
+        if m == "DELETE" and not t.query:
+            await purge_reserved(self.backend, self.objects.envelopes, t.bucket)
+            return await self._passthrough(request, t, v)
+        if m in ("PUT", "HEAD") and not t.query:
             return await self._passthrough(request, t, v)
         if m == "POST" and t.has("delete"):
-            return await self._passthrough(request, t, v)
+            body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+            resp = await self._passthrough(request, t, v, body)
+            if isinstance(resp.body, bytes):  # the envelopes of the deleted objects go too
+                keys = deleted_keys(body, resp.body)
+                await forget_deleted(self.objects.envelopes, t.bucket, keys)
+            return resp
         raise S3Error("NotImplemented", "This bucket operation is not supported", 501)
 
     async def _list(self, request: web.Request, t: Target) -> web.StreamResponse:
@@ -110,10 +120,11 @@ class S3Handlers:
         return web.Response(body=out, content_type="application/xml")
 
     async def _passthrough(
-        self, request: web.Request, t: Target, v: VerifiedRequest
-    ) -> web.StreamResponse:
+        self, request: web.Request, t: Target, v: VerifiedRequest, body: bytes | None = None
+    ) -> web.Response:
         """Forward a small, data-free request (bucket ops, configuration, tagging)."""
-        body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
+        if body is None:
+            body = await self.auth.small_body(request, v, MAX_SMALL_BODY)
         headers = {
             k: request.headers[k]
             for k in (
