@@ -125,9 +125,7 @@ def _visible(root: Element, kinds: Collection[str]) -> bool:
     return False
 
 
-async def purge_reserved(
-    backend: BackendClient, envelopes: EnvelopeStore, bucket: str
-) -> int:
+async def purge_reserved(backend: BackendClient, envelopes: EnvelopeStore, bucket: str) -> int:
     """Remove the reserved prefix of a bucket that holds no client data; returns how many
     objects went (0 and nothing touched when client data remains)."""
     if await holds_client_data(backend, bucket):
