@@ -25,9 +25,7 @@ def _envelopes_of(direct: Any, bucket: str, key: str) -> list[str]:
     return [k.rsplit("/", 1)[1] for k in _reserved(direct, bucket, sidecar_prefix(key))]
 
 
-def test_overwrite_keeps_only_the_current_envelope(
-    client: Any, direct: Any, bucket: str
-) -> None:
+def test_overwrite_keeps_only_the_current_envelope(client: Any, direct: Any, bucket: str) -> None:
     for i in range(3):
         client.put_object(Bucket=bucket, Key="k", Body=b"version %d" % i * 1000)
     etag = direct.head_object(Bucket=bucket, Key="k")["ETag"].strip('"')

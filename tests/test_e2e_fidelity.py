@@ -7,10 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import requests
 from botocore.exceptions import ClientError
-
-from tests.servers import ProxyThread
 
 
 def _not_modified(call: Any) -> dict[str, str]:
@@ -22,9 +19,7 @@ def _not_modified(call: Any) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("method", ["head_object", "get_object"])
-def test_304_carries_the_client_etag_and_sse_headers(
-    client: Any, bucket: str, method: str
-) -> None:
+def test_304_carries_the_client_etag_and_sse_headers(client: Any, bucket: str, method: str) -> None:
     etag = client.put_object(Bucket=bucket, Key="c", Body=b"c" * 1000)["ETag"]
     assert etag.endswith('-c"')
     call = getattr(client, method)
