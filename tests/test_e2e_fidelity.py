@@ -55,3 +55,33 @@ def test_an_operation_the_backend_lacks_keeps_its_error(
         return
     assert bare["Versions"]  # moto has versions: the proxy answers them
     assert [v["Key"] for v in client.list_object_versions(Bucket=bucket)["Versions"]] == ["v"]
+
+
+def _with_raw_meta(client: Any, value: str) -> Any:
+    """Send ``x-amz-meta-meta1`` as given (botocore puts it on the wire as UTF-8), as
+    ceph/s3-tests test_object_set_get_unicode_metadata does."""
+
+    def set_meta(**kwargs: Any) -> None:
+        kwargs["params"]["headers"]["x-amz-meta-meta1"] = value
+
+    client.meta.events.register("before-call.s3.PutObject", set_meta)
+    return client
+
+
+@pytest.mark.parametrize(
+    "value", ["Hello World\xe9", "日本語", "=?UTF-8?B?SGVsbG8gV29ybGTDqQ==?=", "plain"]
+)
+def test_user_metadata_round_trips_as_s3_encodes_it(proxy: Any, bucket: str, value: str) -> None:
+    from email.header import decode_header, make_header
+
+    c = _with_raw_meta(proxy.client(), value)
+    c.put_object(Bucket=bucket, Key="m", Body=b"m")
+    got = c.get_object(Bucket=bucket, Key="m")["Metadata"]["meta1"]
+    assert got == c.head_object(Bucket=bucket, Key="m")["Metadata"]["meta1"]
+    # AWS S3: US-ASCII as is, anything else as an RFC 2047 encoded word of its UTF-8
+    assert got.isascii()
+    assert str(make_header(decode_header(got))) == str(make_header(decode_header(value)))
+    if value.isascii():
+        assert got == value
+    listed = c.list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in listed] == ["m"]
