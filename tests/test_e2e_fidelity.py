@@ -85,3 +85,100 @@ def test_user_metadata_round_trips_as_s3_encodes_it(proxy: Any, bucket: str, val
         assert got == value
     listed = c.list_objects_v2(Bucket=bucket)["Contents"]
     assert [o["Key"] for o in listed] == ["m"]
+
+
+def _uploads(client: Any, bucket: str) -> list[Any]:
+    try:
+        return list(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    except ClientError as exc:  # rclone: NoSuchUpload when there is none
+        assert exc.response["Error"]["Code"] == "NoSuchUpload"
+        return []
+
+
+def _chunks(data: bytes, size: int = 300_000) -> Any:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.mark.parametrize("size", [0, 1000, 5 * 1024 * 1024, 12 * 1024 * 1024 + 7])
+def test_chunked_put_without_length_is_streamed(client: Any, bucket: str, size: int) -> None:
+    """``Transfer-Encoding: chunked`` and no Content-Length (a streaming uploader): one PUT
+    up to a part's worth, a backend multipart upload beyond."""
+    import hashlib
+
+    import requests
+
+    data = hashlib.shake_256(b"%d" % size).digest(size)
+    url = client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "u"})
+    resp = requests.put(url, data=_chunks(data), timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert resp.request.headers.get("transfer-encoding") == "chunked"
+    assert resp.headers["x-amz-server-side-encryption"] == "aws:kms"
+    got = client.get_object(Bucket=bucket, Key="u")
+    assert got["ETag"] == resp.headers["etag"]
+    assert hashlib.sha256(got["Body"].read()).digest() == hashlib.sha256(data).digest()
+    assert client.head_object(Bucket=bucket, Key="u")["ContentLength"] == size
+    assert _uploads(client, bucket) == []
+
+
+def test_chunked_put_cut_short_stores_nothing(proxy: Any, client: Any, bucket: str) -> None:
+    """A chunked body whose connection drops after more than a part: no object, no upload."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "cut"})
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as s:
+        s.sendall(
+            f"PUT {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"z" * 1024 * 1024
+        for _ in range(7):
+            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+
+    def gone() -> bool:
+        try:
+            client.head_object(Bucket=bucket, Key="cut")
+        except ClientError:
+            return _uploads(client, bucket) == []
+        return False
+
+    from tests.servers import wait_until
+
+    wait_until(gone, 30, "the cut upload aborted")
+
+
+def test_curl_upload_from_stdin(proxy: Any, client: Any, bucket: str) -> None:
+    """``curl -T -``: SigV4 by curl itself, chunked, no length; 6 MB spans two parts."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from tests.servers import CLIENT_AK, CLIENT_SK, REGION
+
+    curl = shutil.which("curl")
+    assert curl is not None
+    data = hashlib.shake_256(b"curl").digest(6_000_000)
+    done = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "--fail-with-body",
+            "-T",
+            "-",
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            "--aws-sigv4",
+            f"aws:amz:{REGION}:s3",
+            "--user",
+            f"{CLIENT_AK}:{CLIENT_SK}",
+            f"{proxy.endpoint}/{bucket}/from-stdin",
+        ],
+        input=data,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert client.get_object(Bucket=bucket, Key="from-stdin")["Body"].read() == data

@@ -15,6 +15,7 @@ from proxy.layer.copy import CopyLayer
 from proxy.layer.multipart import MultipartLayer
 from proxy.layer.objects import GetResult, ObjectLayer
 from proxy.layer.part_reads import PartReader
+from proxy.layer.unsized import put_unsized
 from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.listing import rewrite_listing
 from proxy.s3.routing import Target
@@ -197,10 +198,20 @@ class S3Handlers:
 
     async def _put(self, request: web.Request, t: Target, v: VerifiedRequest) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
-        body, length = self.auth.plaintext_body(request, v)
-        res = await self.objects.put_object(
-            t.bucket, t.key, request.headers, body, length, lambda: v.verified_checksums
-        )
+        if (
+            request.content_length is None
+            and "chunked" in request.headers.get("transfer-encoding", "").lower()
+            and not v.auth.payload_mode.is_streaming
+        ):
+            body, _ = self.auth.plaintext_body(request, v, allow_unknown_length=True)
+            res = await put_unsized(
+                self.multipart, t.bucket, t.key, request.headers, body, lambda: v.verified_checksums
+            )
+        else:
+            body, length = self.auth.plaintext_body(request, v)
+            res = await self.objects.put_object(
+                t.bucket, t.key, request.headers, body, length, lambda: v.verified_checksums
+            )
         headers = dict(res.headers)
         if res.etag:
             headers["etag"] = res.etag
