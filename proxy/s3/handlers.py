@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.layer.attributes import Attributes
 from proxy.layer.cleanup import deleted_keys, forget_deleted, purge_reserved
 from proxy.layer.copy import CopyLayer
 from proxy.layer.multipart import MultipartLayer
@@ -50,7 +51,6 @@ OBJECT_PASS = frozenset({"tagging", "acl", "retention", "legal-hold"})
 # Refused on purpose: they would expose or operate on ciphertext.
 REFUSED = {
     "select": "S3 Select would run over ciphertext",
-    "attributes": "GetObjectAttributes reports stored (ciphertext) sizes and checksums",
     "torrent": "torrents would serve ciphertext",
     "encryption": "bucket default encryption is managed by cmek-proxy",
 }
@@ -72,6 +72,7 @@ class S3Handlers:
         self.multipart = MultipartLayer(objects)
         self.copies = CopyLayer(objects, self.multipart)
         self.parts = PartReader(objects)
+        self.attributes = Attributes(objects, self.parts)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
@@ -184,6 +185,9 @@ class S3Handlers:
         if m == "PUT" and "x-amz-copy-source" in request.headers and not t.query:
             await self.auth.small_body(request, v, MAX_SMALL_BODY)
             doc, headers = await self.copies.copy_object(t.bucket, t.key, request.headers)
+            return _xml(doc, headers)
+        if m == "GET" and t.has("attributes") and not _has_unknown(t, ("versionId", "attributes")):
+            doc, headers = await self.attributes.get(t.bucket, t.key, request.headers, t.query)
             return _xml(doc, headers)
         if m == "GET" and not _has_unknown(t, ("versionId", "partNumber", *_RESPONSE_OVERRIDES)):
             return await self._get(request, t, head=False)
