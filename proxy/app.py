@@ -24,6 +24,7 @@ from proxy.control.admin.api import AdminApi
 from proxy.control.admin.server import make_admin_app
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JobContext
+from proxy.control.jobs.gc import GcRunner
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
 from proxy.kms.base import KmsClient
@@ -137,15 +138,21 @@ def build(
     )
     api: AdminApi | None = None
     if config.admin.token is not None and audit is not None:
-        api = AdminApi(config.admin.token, specs, keys, audit, jobs)
+        api = AdminApi(config.admin.token, specs, keys, audit, jobs, gc_min_age=config.gc.min_age)
         api.register(admin_app)
 
     async def spec_store(_: web.Application) -> AsyncIterator[None]:
         await specs.refresh()
         poller = asyncio.create_task(specs.run_poller())
+        collector = GcRunner(jobs, config.gc)
+        gc_task = asyncio.create_task(collector.run_forever()) if config.gc.interval else None
         try:
             yield
         finally:
+            if gc_task is not None:
+                gc_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gc_task
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller

@@ -61,6 +61,8 @@ def _job(args: argparse.Namespace) -> None:
         sample=args.sample,
         target_key=getattr(args, "to", None),
         progress=not args.no_progress,
+        limit=args.limit,
+        min_age=args.min_age if args.min_age is not None else config.gc.min_age,
     )
     result: list[dict[str, Any]] = []
 
@@ -127,6 +129,10 @@ def _admin(args: argparse.Namespace) -> None:
             body["sample"] = args.sample
         if args.to:
             body["target_key"] = args.to
+        if args.limit is not None:
+            body["limit"] = args.limit
+        if args.min_age is not None:
+            body["min_age"] = args.min_age
         method, path = "POST", f"/v1/buckets/{args.bucket}/jobs"
     status, answer = _http(method, url + path, token, body)
     if status < 300 and getattr(args, "wait", False) and "name" in answer:
@@ -204,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rewrap", "move objects to another key (only the sealed keys change)"),
         ("encrypt-existing", "encrypt in place the plaintext objects of encrypted paths"),
         ("verify", "check that every object opens and authenticates"),
+        ("gc", "remove orphaned envelopes, upload state and job leftovers"),
     ):
         jp = jsub.add_parser(name, help=helptext)
         jp.add_argument("--config", required=True, help="YAML configuration file")
@@ -238,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     ao = adsub.add_parser("operation", help="GetOperation")
     ao.add_argument("id")
     aj = adsub.add_parser("job", help="start a job in the proxy")
-    aj.add_argument("job", choices=["rewrap", "encrypt-existing", "verify"])
+    aj.add_argument("job", choices=["rewrap", "encrypt-existing", "verify", "gc"])
     _job_args(aj)
     aj.add_argument("--wait", action="store_true", help="wait for the job to finish")
     aj.add_argument("--timeout", type=float, default=3600.0)
@@ -253,6 +260,10 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="objects in flight (default 8)")
     p.add_argument("--sample", type=float, help="verify: fraction of objects to check")
     p.add_argument("--to", help="rewrap: target key URI (default: the spec's key)")
+    p.add_argument("--limit", type=int, help="gc: reserved objects examined at most")
+    p.add_argument(
+        "--min-age", type=float, help="gc: seconds state must be old to go (default gc.min_age)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

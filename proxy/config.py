@@ -146,6 +146,19 @@ class Specs(_Model):
     replicas take to see a change."""
 
 
+class Gc(_Model):
+    """The ``gc`` job run by the proxy itself: orphaned envelopes, state of aborted or
+    expired uploads and job leftovers under the reserved prefix of every bucket."""
+
+    interval: float = Field(default=3600.0, ge=0)
+    """Seconds between runs (0: never; ``cmek-proxy job gc`` and the admin API still work)."""
+    max_objects: int = Field(default=10_000, ge=1)
+    """Reserved objects examined per run and bucket; the next run goes on where it stopped."""
+    min_age: float = Field(default=3600.0, ge=0)
+    """Only state older than this (backend clock) is removed: a write or job in flight keeps
+    its own."""
+
+
 class Audit(_Model):
     path: Path | None = None
     """Hash-chained JSON-lines audit log; default ``<data_dir>/audit.jsonl``."""
@@ -167,6 +180,7 @@ class Config(_Model):
     """Where the audit log and other local state live."""
     specs: Specs = Field(default_factory=Specs)
     audit: Audit = Field(default_factory=Audit)
+    gc: Gc = Field(default_factory=Gc)
 
     @model_validator(mode="after")
     def _audit_for_admin(self) -> Config:

@@ -68,6 +68,10 @@ def parse_error(status: int, body: bytes) -> S3Error:
             501: "NotImplemented",
             503: "ServiceUnavailable",
         }.get(status, "InternalError")
+    if status == 501 and code == "NotImplemented":
+        # An operation this backend lacks (rclone: ListObjectVersions): S3 answers it the
+        # same way, and no client retries it, so it passes as the backend gave it.
+        return S3Error(code, "the backend object store does not implement this operation", 501)
     if status >= 500:
         # Never leak backend internals; clients retry 5xx.
         return S3Error(

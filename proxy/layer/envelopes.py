@@ -39,6 +39,8 @@ from proxy.errors import FormatError
 from proxy.wire.xmldoc import parse_backend
 
 SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
+KEY_FIELD: Final = "key"
+"""The sidecar names its object's key, so ``gc`` can tell an orphan (the folder is a hash)."""
 _CACHE_ENTRIES: Final = 50_000
 
 StoreKind = Literal["metadata", "sidecar"]
@@ -84,6 +86,13 @@ class EnvelopeStore(Protocol):
         """The object was deleted: drop its envelopes where that means anything."""
         ...
 
+    async def committed(
+        self, bucket: str, key: str, env: crypto.Envelope | None, backend_etag: str | None
+    ) -> None:
+        """A write of ``key`` committed (ETag ``backend_etag``, envelope ``env`` or None for a
+        plaintext write): drop the envelopes of the versions it replaced."""
+        ...
+
     def invalidate(self, bucket: str, key: str) -> None:
         """Forget what is cached about one object's envelope."""
         ...
@@ -114,6 +123,11 @@ class MetadataEnvelopes:
         return crypto.from_metadata(headers)
 
     async def forget(self, bucket: str, key: str) -> None:
+        return None
+
+    async def committed(
+        self, bucket: str, key: str, env: crypto.Envelope | None, backend_etag: str | None
+    ) -> None:
         return None
 
     def invalidate(self, bucket: str, key: str) -> None:
@@ -166,7 +180,8 @@ class SidecarEnvelopes:
             self._cache.popitem(last=False)
 
     async def _write(self, bucket: str, key: str, etag: str, env: crypto.Envelope) -> None:
-        body = json.dumps(crypto.to_metadata(env), sort_keys=True).encode()
+        doc = {**crypto.to_metadata(env), KEY_FIELD: key}
+        body = json.dumps(doc, sort_keys=True).encode()
         await self._backend.call(
             "PUT",
             bucket,
@@ -191,6 +206,7 @@ class SidecarEnvelopes:
         if etag is None:
             raise FormatError("backend gave the stored object no ETag")
         await self._write(bucket, key, etag, env)
+        await self.prune(bucket, key, etag, env)
 
     async def read(
         self, bucket: str, key: str, headers: Mapping[str, str]
@@ -225,14 +241,65 @@ class SidecarEnvelopes:
         return env
 
     async def forget(self, bucket: str, key: str) -> None:
+        await self.prune(bucket, key, None, None)
+
+    async def committed(
+        self, bucket: str, key: str, env: crypto.Envelope | None, backend_etag: str | None
+    ) -> None:
+        await self.prune(bucket, key, etag_core(backend_etag), env)
+
+    async def listed(self, bucket: str, key: str) -> list[str]:
+        """The ETags of the envelopes stored for ``key`` (one page: an object has few)."""
         prefix = sidecar_prefix(key)
         _, body = await self._backend.call(
             "GET", bucket, query=(("list-type", "2"), ("prefix", prefix))
         )
-        for el in parse_backend(body).iter():
-            if el.tag.endswith("Key") and el.text and el.text.startswith(prefix):
-                await self._backend.call("DELETE", bucket, el.text, ok=(200, 204, 404))
+        return [
+            el.text[len(prefix) :]
+            for el in parse_backend(body).iter()
+            if el.tag.endswith("Key") and el.text and el.text.startswith(prefix)
+        ]
+
+    async def prune(
+        self, bucket: str, key: str, keep: str | None, env: crypto.Envelope | None
+    ) -> int:
+        """Delete every envelope of ``key`` but the one of ETag ``keep``; returns how many.
+
+        Safe against a writer racing on the same key: a writer whose envelope was written
+        but whose data had not committed yet when it was deleted finds it missing when it
+        calls this after its commit (its own listing) and writes it again; and after
+        deleting, the object is read once more - if the version now stored is one whose
+        envelope was just deleted, that envelope is put back. So a current object never
+        stays without its envelope.
+        """
+        stored = await self.listed(bucket, key)
+        if keep is not None and env is not None and keep not in stored:
+            await self._write(bucket, key, keep, env)  # a racing prune removed it
+        removed: dict[str, crypto.Envelope | None] = {}
+        for etag in stored:
+            if etag == keep:
+                continue
+            removed[etag] = await self._peek(bucket, key, etag)
+            await self._backend.call(
+                "DELETE", bucket, sidecar_prefix(key) + etag, ok=(200, 204, 404)
+            )
         self.invalidate(bucket, key)
+        if keep is not None and env is not None:
+            self._remember((bucket, key, keep), env)
+        if removed:
+            head, _ = await self._backend.call("HEAD", bucket, key, ok=(200, 404))
+            current = etag_core(head.headers.get("etag")) if head.status == 200 else None
+            back = removed.get(current) if current is not None else None
+            if current is not None and back is not None:
+                await self._write(bucket, key, current, back)
+        return len(removed)
+
+    async def _peek(self, bucket: str, key: str, etag: str) -> crypto.Envelope | None:
+        """The envelope of one stored version, or None if it is gone or unreadable."""
+        try:
+            return await self.read(bucket, key, {"etag": etag})
+        except FormatError:
+            return None
 
 
 def make_store(kind: StoreKind, backend: BackendClient, cache_ttl: float = 300.0) -> EnvelopeStore:

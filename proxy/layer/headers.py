@@ -6,6 +6,7 @@ and by the jobs.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import quote
@@ -68,6 +69,24 @@ GET_PASS_HEADERS: Final = frozenset(
 )
 
 
+def mail_safe(value: str) -> str:
+    """A user metadata value as S3 stores and returns it: as is when US-ASCII, else one
+    RFC 2047 encoded word (``=?UTF-8?B?...?=``), as AWS S3 answers non-ASCII metadata.
+
+    Clients send non-ASCII values as raw UTF-8 (boto3, the JS SDK) or latin-1 bytes (curl);
+    the server decoded them as UTF-8 with surrogate escapes, so both are recovered here. Every
+    backend then stores plain ASCII, which none of them mis-decodes.
+    """
+    if value.isascii():
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+
+
 def user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name, value in headers.items():
@@ -79,7 +98,7 @@ def user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
                     f"metadata names starting with {crypto.INTERNAL_PREFIX} are reserved",
                     400,
                 )
-            out[lname] = value
+            out[lname] = mail_safe(value)
     return out
 
 

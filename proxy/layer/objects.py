@@ -104,10 +104,14 @@ class ObjectLayer(ObjectWrites):
         resp, _ = await self.backend.call(
             "HEAD", bucket, key, query=query, headers=backend_conditions(cond), ok=(200, 304)
         )
+        if resp.status == 304:
+            # A 304 carries the backend's ETag and maybe no metadata: decide from the full
+            # headers, in client form (the ETag a client sent may differ from the stored one).
+            resp, _ = await self.backend.call("HEAD", bucket, key, query=query)
         env = await self.envelope(bucket, key, resp.headers)
         size = int(resp.headers.get("content-length", "0"))
         headers = self.response_headers(resp.headers, env)
-        if resp.status == 304 or check_preconditions(cond, headers) == 304:
+        if check_preconditions(cond, headers) == 304:
             return GetResult(304, headers, None, 0)
         if env is not None:
             size = self.plaintext_size(size)
@@ -166,7 +170,7 @@ class ObjectLayer(ObjectWrites):
         keep_open = False
         try:
             if resp.status == 304:
-                return GetResult(304, self.response_headers(resp.headers, None), None, 0)
+                return await self._not_modified(bucket, key, rng, cond, query, guess_encrypted)
             if resp.status == 416 and rng is not None:
                 # Some backends refuse a suffix longer than the object, and a stored range
                 # can start past the end: learn the size, then answer or ask precisely.
@@ -194,6 +198,25 @@ class ObjectLayer(ObjectWrites):
         finally:
             if not keep_open:
                 resp.release()
+
+    async def _not_modified(
+        self,
+        bucket: str,
+        key: str,
+        rng: ClientRange | None,
+        cond: Mapping[str, str],
+        query: tuple[tuple[str, str], ...],
+        guess_encrypted: bool,
+    ) -> GetResult | None:
+        """The backend answered 304: answer it with the headers in client form (ETag with
+        ``-c``, SSE headers), or - when the client's conditions, compared with client ETags,
+        do not hold after all - read the object that was just matched."""
+        head = await self.head_object(bucket, key, cond, query)
+        if head.status == 304:
+            return head
+        etag = head.headers.get("etag")
+        again = {"if-match": etag} if etag else {}
+        return await self._get(bucket, key, rng, again, query, guess_encrypted=guess_encrypted)
 
     async def _concrete_range(
         self,

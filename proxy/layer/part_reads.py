@@ -124,6 +124,12 @@ class PartReader:
         after = await first_at_least(number + 1, first)
         return first, after - 1, await part_at(total - 1)
 
+    async def segment_part(
+        self, bucket: str, key: str, query: tuple[tuple[str, str], ...], g: int
+    ) -> int:
+        """The part number in the header of stored segment ``g`` (one 16-byte range GET)."""
+        return await self._segment_part(bucket, key, query, g)
+
     async def _segment_part(
         self, bucket: str, key: str, query: tuple[tuple[str, str], ...], g: int
     ) -> int:

@@ -90,6 +90,7 @@ class ObjectWrites:
         if not decision.encrypt:
             self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
             res = await self.send_put(bucket, key, out_headers, body, length, encrypted=False)
+            await self._replaced(bucket, key, None, res)
             res.headers[RULE_HEADER] = decision.rule
             return res
         assert decision.key_uri is not None
@@ -145,9 +146,17 @@ class ObjectWrites:
             done = final_envelope()
             if done is not env:
                 await self.update_envelope(bucket, key, out_headers, done, res.etag)
+        await self._replaced(bucket, key, final_envelope(), res)
         res.headers.update(sse_headers(decision.key_uri))
         res.headers[RULE_HEADER] = decision.rule
         return res
+
+    async def _replaced(
+        self, bucket: str, key: str, env: crypto.Envelope | None, res: PutResult
+    ) -> None:
+        """A PUT committed: the envelopes of the versions it replaced go (sidecar store)."""
+        if res.etag is not None:
+            await self.envelopes.committed(bucket, key, env, backend_etag(res.etag))
 
     async def update_envelope(
         self,

@@ -11,10 +11,13 @@ from multidict import CIMultiDict
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, IntegrityError, S3Error
+from proxy.layer.attributes import Attributes
+from proxy.layer.cleanup import forget_deleted, purge_reserved
 from proxy.layer.copy import CopyLayer, parse_copy_source
 from proxy.layer.multipart import MultipartLayer
 from proxy.layer.objects import GetResult, ObjectLayer
 from proxy.layer.part_reads import PartReader
+from proxy.layer.unsized import put_unsized
 from proxy.s3.auth import Authenticator, VerifiedRequest
 from proxy.s3.delete_objects import DeleteOutcome, delete_objects
 from proxy.s3.listing import TokenSealer, list_bucket
@@ -52,7 +55,6 @@ OBJECT_PASS = frozenset({"tagging", "acl", "retention", "legal-hold"})
 # Refused on purpose: they would expose or operate on ciphertext.
 REFUSED = {
     "select": "S3 Select would run over ciphertext",
-    "attributes": "GetObjectAttributes reports stored (ciphertext) sizes and checksums",
     "torrent": "torrents would serve ciphertext",
     "encryption": "bucket default encryption is managed by cmek-proxy",
 }
@@ -94,6 +96,7 @@ class S3Handlers:
         self.copies = CopyLayer(objects, self.multipart)
         self.parts = PartReader(objects)
         self.tokens = TokenSealer(backend.cfg.secret_key)
+        self.attributes = Attributes(objects, self.parts)
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
@@ -119,16 +122,24 @@ class S3Handlers:
         self, request: web.Request, t: Target, v: VerifiedRequest
     ) -> web.StreamResponse:
         m = request.method
+        assert t.bucket is not None
         if any(t.has(s) for s in BUCKET_PASS):
             return await self._passthrough(request, t, v)
         if m == "GET" and (t.has("uploads")):
             return await self._list(request, t)
         if m == "GET" and not any(t.has(s) for s in NOT_A_LISTING):
             return await self._list(request, t)
-        if m in ("PUT", "DELETE", "HEAD") and not t.query:
+        if m == "DELETE" and not t.query:
+            await purge_reserved(self.backend, self.objects.envelopes, t.bucket)
+            return await self._passthrough(request, t, v)
+        if m in ("PUT", "HEAD") and not t.query:
             return await self._passthrough(request, t, v)
         if m == "POST" and t.has("delete"):
             outcome = await self._delete_objects(request, t, v)
+            # The envelopes of the deleted objects go too (deleting one version of an object
+            # leaves the others, and their envelopes).
+            gone = [d.key for d in outcome.deleted if not d.version_id]
+            await forget_deleted(self.objects.envelopes, t.bucket, gone)
             return _xml(outcome.document, {})
         if m == "GET":
             raise S3Error("MethodNotAllowed", "The specified method is not allowed", 405)
@@ -226,6 +237,9 @@ class S3Handlers:
             await self.auth.small_body(request, v, MAX_SMALL_BODY)
             doc, headers = await self.copies.copy_object(t.bucket, t.key, request.headers)
             return _xml(doc, headers)
+        if m == "GET" and t.has("attributes") and not _has_unknown(t, ("versionId", "attributes")):
+            doc, headers = await self.attributes.get(t.bucket, t.key, request.headers, t.query)
+            return _xml(doc, headers)
         if m == "GET" and not _has_unknown(t, ("versionId", "partNumber", *_RESPONSE_OVERRIDES)):
             return await self._get(request, t, head=False)
         if m == "HEAD" and not _has_unknown(t, ("versionId", "partNumber")):
@@ -239,10 +253,20 @@ class S3Handlers:
 
     async def _put(self, request: web.Request, t: Target, v: VerifiedRequest) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
-        body, length = self.auth.plaintext_body(request, v)
-        res = await self.objects.put_object(
-            t.bucket, t.key, request.headers, body, length, lambda: v.verified_checksums
-        )
+        if (
+            request.content_length is None
+            and "chunked" in request.headers.get("transfer-encoding", "").lower()
+            and not v.auth.payload_mode.is_streaming
+        ):
+            body, _ = self.auth.plaintext_body(request, v, allow_unknown_length=True)
+            res = await put_unsized(
+                self.multipart, t.bucket, t.key, request.headers, body, lambda: v.verified_checksums
+            )
+        else:
+            body, length = self.auth.plaintext_body(request, v)
+            res = await self.objects.put_object(
+                t.bucket, t.key, request.headers, body, length, lambda: v.verified_checksums
+            )
         headers = dict(res.headers)
         if res.etag:
             headers["etag"] = res.etag

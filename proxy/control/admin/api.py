@@ -14,8 +14,9 @@ Shaped after the Google Agent Assist CMEK API, for buckets instead of locations
 ``GET /v1/operations/{id}``  GetOperation (``done``, ``error`` or ``response``, ``metadata``)
 ``GET /v1/buckets/{bucket}/encryptionSpec[?prefix=P]``  GetEncryptionSpec
 ``GET /v1/encryptionSpecs``  ListEncryptionSpecs (config and API specs, with their source)
-``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing``;
-    body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?, "sample"?, "target_key"?}``;
+``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing`` /
+    ``gc``; body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?, "sample"?,
+    "target_key"?, "limit"? (gc), "min_age"? (gc)}``;
     answers an operation whose ``metadata.progress`` counts objects and bytes.
 
 Every route needs ``Authorization: Bearer <admin.token>`` (compared in constant time); only
@@ -124,6 +125,7 @@ class AdminApi:
     audit: AuditLog
     jobs: JobContext
     validation_timeout: float = 60.0
+    gc_min_age: float = 3600.0
     _operations: OrderedDict[str, Operation] = field(default_factory=OrderedDict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -372,6 +374,8 @@ class AdminApi:
                 concurrency=max(1, min(concurrency, _MAX_CONCURRENCY)),
                 sample=float(sample) if sample is not None else None,
                 target_key=body.get("target_key"),
+                limit=int(body["limit"]) if body.get("limit") is not None else None,
+                min_age=float(body.get("min_age", self.gc_min_age)),
             )
         except (TypeError, ValueError) as exc:
             return error_response("INVALID_ARGUMENT", str(exc))

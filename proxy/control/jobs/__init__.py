@@ -1,11 +1,13 @@
-"""Key lifecycle jobs: ``verify``, ``rewrap``, ``encrypt-existing`` (see each module)."""
+"""Key lifecycle jobs: ``verify``, ``rewrap``, ``encrypt-existing``, and ``gc`` of the proxy's
+own state (see each module)."""
 
 from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
 from proxy.control.jobs.encrypt_existing import encrypt_existing
+from proxy.control.jobs.gc import gc
 from proxy.control.jobs.rewrap import rewrap
 from proxy.control.jobs.verify import verify
 
-JOBS = {"verify": verify, "rewrap": rewrap, "encrypt-existing": encrypt_existing}
+JOBS = {"verify": verify, "rewrap": rewrap, "encrypt-existing": encrypt_existing, "gc": gc}
 
 __all__ = [
     "JOBS",
@@ -13,6 +15,7 @@ __all__ = [
     "JobOptions",
     "JobProgress",
     "encrypt_existing",
+    "gc",
     "rewrap",
     "verify",
 ]

@@ -58,6 +58,12 @@ class JobOptions:
     target_key: str | None = None
     """rewrap: the key URI to move to; None: the one the policy names for each object."""
     progress: bool = False
+    limit: int | None = None
+    """gc: at most this many reserved objects examined (None: all)."""
+    start_after: str = ""
+    """gc: go on after this reserved key (where a bounded run stopped)."""
+    min_age: float = 3600.0
+    """gc: only state older than this many seconds (backend clock) is removed."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class JobProgress:
     by_key: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, str]] = field(default_factory=list)
     done: bool = False
+    last_key: str = ""
+    """gc: the last reserved key examined when the run stopped at its limit ("" at the end)."""
 
     def outcome(self, what: str) -> None:
         self.objects += 1
@@ -113,6 +121,7 @@ class JobProgress:
             "by_key": dict(sorted(self.by_key.items())),
             "errors": list(self.errors),
             "done": self.done,
+            **({"last_key": self.last_key} if self.last_key else {}),
         }
 
     def summary(self) -> str:

@@ -76,15 +76,17 @@ async def _tags(ctx: JobContext, bucket: str, key: str) -> str | None:
 _KEEP = TMP_PREFIX + "keep"
 
 
-async def _sweep_tmp(ctx: JobContext, bucket: str) -> int:
-    """Remove what a killed run left; keep a marker so the folder never empties (``rclone
-    serve s3`` removes an emptied folder, racing a concurrent PUT into it)."""
+async def _sweep_tmp(ctx: JobContext, bucket: str, *, keep: bool = True) -> int:
+    """Remove what a killed run left; while the job runs, keep a marker so the folder never
+    empties (``rclone serve s3`` removes an emptied folder, racing a concurrent PUT into it).
+    At the end (``keep=False``) the marker goes too: a job leaves nothing behind."""
     removed = 0
     async for obj in list_objects(ctx.backend, bucket, TMP_PREFIX, reserved=True):
-        if obj.key != _KEEP:
+        if obj.key != _KEEP or not keep:
             await ctx.backend.call("DELETE", bucket, obj.key, ok=(200, 204, 404))
-            removed += 1
-    await ctx.backend.call("PUT", bucket, _KEEP, body=b"")
+            removed += obj.key != _KEEP
+    if keep:
+        await ctx.backend.call("PUT", bucket, _KEEP, body=b"")
     return removed
 
 
@@ -237,4 +239,8 @@ async def encrypt_existing(
         prog.by_key[decision.key_uri] += 1
         prog.outcome("encrypted")
 
-    return await run_job("encrypt-existing", ctx, opts, step, progress)
+    try:
+        return await run_job("encrypt-existing", ctx, opts, step, progress)
+    finally:
+        if not opts.dry_run:
+            await _sweep_tmp(ctx, opts.bucket, keep=False)
