@@ -31,11 +31,13 @@ from proxy.crypto.segments import (
     StreamEncryptor,
     decrypt_all,
     encrypt_all,
+    looks_like_v1,
     new_object_key,
     stream_key,
 )
 from proxy.crypto.sizes import (
     FORMAT_VERSION,
+    HEADER_SIZE,
     SEGMENT_OVERHEAD,
     SEGMENT_SIZE,
     STORED_SEGMENT_SIZE,
@@ -49,6 +51,7 @@ from proxy.crypto.sizes import (
 __all__ = [
     "DATA_KEY_SIZE",
     "FORMAT_VERSION",
+    "HEADER_SIZE",
     "INTERNAL_PREFIX",
     "MAX_PART",
     "META_PREFIX",
@@ -74,6 +77,7 @@ __all__ = [
     "encrypt_all",
     "from_metadata",
     "is_internal",
+    "looks_like_v1",
     "new_object_key",
     "open_object_key",
     "plaintext_size",
