@@ -33,6 +33,7 @@ from proxy.crypto.segments import (
     encrypt_all,
     looks_like_v1,
     new_object_key,
+    opens_first_segment,
     stream_key,
 )
 from proxy.crypto.sizes import (
@@ -80,6 +81,7 @@ __all__ = [
     "looks_like_v1",
     "new_object_key",
     "open_object_key",
+    "opens_first_segment",
     "plaintext_size",
     "plan_range",
     "reseal",

@@ -327,6 +327,27 @@ def looks_like_v1(first: Buffer, stored_size: int) -> bool:
     return part != 0 or bool(flags & FLAG_FINAL) == (total == 1)
 
 
+def opens_first_segment(
+    object_key: bytes, stored: Buffer, total_segments: int, *, multipart: bool
+) -> bool:
+    """Whether ``stored`` (a body's first stored segment, at least) authenticates under
+    ``object_key`` as segment 0 of a body of ``total_segments`` segments."""
+    view = memoryview(stored).cast("B")[:STORED_SEGMENT_SIZE]
+    dec = StreamDecryptor(
+        object_key,
+        multipart=multipart,
+        first_segment=0,
+        last_segment=0,
+        total_segments=total_segments,
+    )
+    try:
+        dec.update(view)
+        dec.finalize()
+    except IntegrityError:
+        return False
+    return True
+
+
 def encrypt_all(
     object_key: bytes, plaintext: Buffer, part: int = 0, *, random_bytes: RandomBytes = os.urandom
 ) -> bytes:

@@ -11,18 +11,15 @@ plaintext source, a passthrough destination - streams through decryption and enc
 
 from __future__ import annotations
 
-import email.utils
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
 from proxy import crypto
-from proxy.backend.client import parse_error
 from proxy.errors import FormatError, S3Error
-from proxy.layer.bodies import READ_CHUNK
 from proxy.layer.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
+from proxy.layer.copy_parts import CopySource, iso_time, multipart_copy
 from proxy.layer.envelopes import etag_core
 from proxy.layer.headers import client_storable_headers, copy_source, sse_headers, storable_headers
 from proxy.layer.multipart import MultipartLayer
@@ -33,7 +30,7 @@ from proxy.layer.objects import (
     client_etag,
     precondition_failed,
 )
-from proxy.layer.rewrite import ExactReader, write_plaintext
+from proxy.layer.rewrite import write_plaintext
 from proxy.wire.checksums import FLEXIBLE
 from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import find_text, raise_embedded_error, xml_doc
@@ -45,21 +42,6 @@ COPY_PART_SIZE: int = 512 * 1024 * 1024
 _COPY_ATTEMPTS: Final = 3
 _TEMP_PREFIX: Final = RESERVED_PREFIX + "tmp/"
 _COPY_CONDITIONS: Final = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
-
-
-@dataclass(frozen=True)
-class CopySource:
-    bucket: str
-    key: str
-    version_id: str | None
-
-    @property
-    def query(self) -> tuple[tuple[str, str], ...]:
-        return (("versionId", self.version_id),) if self.version_id else ()
-
-    def header(self) -> str:
-        value = copy_source(self.bucket, self.key)
-        return value + (f"?versionId={self.version_id}" if self.version_id else "")
 
 
 def parse_copy_source(value: str) -> CopySource:
@@ -83,16 +65,6 @@ def copy_conditions(headers: Mapping[str, str]) -> dict[str, str]:
         if value is not None:
             out[name] = value
     return out
-
-
-def iso_time(http_date: str | None) -> str:
-    if not http_date:
-        return ""
-    try:
-        when = email.utils.parsedate_to_datetime(http_date)
-    except (TypeError, ValueError, IndexError):
-        return http_date
-    return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class CopyLayer:
@@ -204,14 +176,24 @@ class CopyLayer:
             full = {**meta, **self.objects.envelopes.put_headers(new_env)}
             done = None
             if not self.no_part_copy:
-                done = await self._multipart_copy(src, bucket, key, full, src_etag, stored_size)
+                done = await multipart_copy(
+                    self.objects, src, bucket, key, full, src_etag, stored_size, COPY_PART_SIZE
+                )
                 if done is None:
                     # The backend took UploadPartCopy for an empty UploadPart (rclone), and
                     # some backends cannot replace a streamed part: start again, streaming.
                     self.no_part_copy = True
             if done is None:
-                done = await self._multipart_copy(
-                    src, bucket, key, full, src_etag, stored_size, stream=True
+                done = await multipart_copy(
+                    self.objects,
+                    src,
+                    bucket,
+                    key,
+                    full,
+                    src_etag,
+                    stored_size,
+                    COPY_PART_SIZE,
+                    stream=True,
                 )
             if done is False:
                 return None, None  # the source changed during the copy: nothing completed
@@ -343,127 +325,6 @@ class CopyLayer:
             multipart=env.multipart,
             checksum=checksum,
         )
-
-    async def _multipart_copy(
-        self,
-        src: CopySource,
-        bucket: str,
-        key: str,
-        meta: dict[str, str],
-        src_etag: str,
-        stored_size: int,
-        *,
-        stream: bool = False,
-    ) -> tuple[str | None, str] | bool | None:
-        """Backend multipart copy of ciphertext ranges: the stored bytes stay as they are.
-
-        With ``stream`` the ranges go through the proxy (still not decrypted) for backends
-        without UploadPartCopy.  None (upload aborted) when the backend turns out to have none;
-        False (upload aborted) when the source changed while its parts were copied (checked
-        before Complete, so nothing of it is ever stored).
-        """
-        _, data = await self.backend.call(
-            "POST", bucket, key, query=(("uploads", ""),), headers=meta
-        )
-        upload_id = find_text(data, "UploadId")
-        parts: list[tuple[int, str]] = []
-        try:
-            offset, number = 0, 1
-            while offset < stored_size:
-                end = min(offset + COPY_PART_SIZE, stored_size) - 1
-                if stream:
-                    streamed = await self._stream_part(
-                        src, bucket, key, upload_id, number, offset, end, src_etag
-                    )
-                    if streamed is None:
-                        await self._abort(bucket, key, upload_id)
-                        return False
-                    parts.append((number, streamed))
-                    offset, number = end + 1, number + 1
-                    continue
-                resp, data = await self.backend.call(
-                    "PUT",
-                    bucket,
-                    key,
-                    query=(("partNumber", str(number)), ("uploadId", upload_id)),
-                    headers={
-                        "x-amz-copy-source": src.header(),
-                        "x-amz-copy-source-range": f"bytes={offset}-{end}",
-                        "x-amz-copy-source-if-match": src_etag,
-                    },
-                    ok=(200, 412),
-                )
-                if resp.status == 412:
-                    await self._abort(bucket, key, upload_id)
-                    return False
-                raise_embedded_error(data)
-                etag = find_text(data, "ETag")
-                if not etag:
-                    await self._abort(bucket, key, upload_id)
-                    return None
-                parts.append((number, etag))
-                offset, number = end + 1, number + 1
-            head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
-            if etag_core(head.headers.get("etag")) != etag_core(src_etag):
-                await self._abort(bucket, key, upload_id)
-                return False
-            xml = "".join(
-                f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in parts
-            )
-            _, data = await self.backend.call(
-                "POST",
-                bucket,
-                key,
-                query=(("uploadId", upload_id),),
-                body=f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode(),
-            )
-            raise_embedded_error(data)
-        except BaseException:
-            await self._abort(bucket, key, upload_id)
-            raise
-        head, _ = await self.backend.call("HEAD", bucket, key)
-        return client_etag(head.headers.get("etag"), True), iso_time(
-            head.headers.get("last-modified")
-        )
-
-    async def _abort(self, bucket: str, key: str, upload_id: str) -> None:
-        await self.backend.call(
-            "DELETE", bucket, key, query=(("uploadId", upload_id),), ok=(200, 204, 404)
-        )
-
-    async def _stream_part(
-        self,
-        src: CopySource,
-        bucket: str,
-        key: str,
-        upload_id: str,
-        number: int,
-        first: int,
-        last: int,
-        src_etag: str,
-    ) -> str | None:
-        """Upload stored bytes ``first..last`` of the source unchanged as part ``number``.
-
-        None when the source is no longer the version ``src_etag``."""
-        hdrs = {"range": f"bytes={first}-{last}", "if-match": src_etag}
-        resp = await self.backend.request("GET", src.bucket, src.key, query=src.query, headers=hdrs)
-        try:
-            if resp.status == 412:
-                return None
-            if resp.status not in (200, 206) or "content-range" not in resp.headers:
-                raise parse_error(resp.status, await resp.read())
-            res = await self.objects.send_put(
-                bucket,
-                key,
-                {},
-                ExactReader(resp.content.iter_chunked(READ_CHUNK)).take(last - first + 1),
-                last - first + 1,
-                encrypted=False,
-                query=(("partNumber", str(number)), ("uploadId", upload_id)),
-            )
-        finally:
-            resp.close()
-        return res.etag or ""
 
     async def _recrypt(
         self, src: CopySource, bucket: str, key: str, meta: dict[str, str], cond: dict[str, str]

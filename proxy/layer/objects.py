@@ -366,7 +366,12 @@ class ObjectLayer(ObjectWrites):
         self, bucket: str, key: str, headers: Mapping[str, str]
     ) -> crypto.Envelope | None:
         try:
-            return await self.envelopes.read(bucket, key, headers)
+            env = await self.envelopes.read(bucket, key, headers)
+            if env is None and self.envelopes.kind == "sidecar":
+                env = await self.envelopes.recover(
+                    bucket, key, headers, lambda found: self.object_key_for(bucket, key, found)
+                )
+            return env
         except FormatError:
             self.metrics.integrity_failures.inc()
             raise
