@@ -232,3 +232,24 @@ def test_range_reads_multipart(case: tuple[int, int, int, list[int], int], part_
     assert len(stored) == ciphertext_size(size)
     got = read_range(key, stored, size, start, end, True, chunks)
     assert got == data[start : end + 1]
+
+
+def test_looks_like_v1_tells_ciphertext_from_plaintext() -> None:
+    from proxy.crypto import encrypt_all, looks_like_v1
+
+    key = bytes(range(32))
+    for size in (0, 1, 65536, 65537, 3 * 65536 + 5):
+        body = encrypt_all(key, b"x" * size)
+        assert looks_like_v1(body[:16], len(body))
+        part = encrypt_all(key, b"x" * size, part=3)
+        assert looks_like_v1(part[:16], len(part))
+        assert not looks_like_v1(body[:16], STORED_SEGMENT_SIZE + 5)  # no v1 size
+        assert not looks_like_v1(bytes(16), len(body))  # version 0
+        assert not looks_like_v1(body[:15], len(body))
+    body = encrypt_all(key, b"x" * 70000)
+    fake = bytearray(body[:16])
+    fake[4:8] = (1).to_bytes(4, "big")  # not index 0
+    assert not looks_like_v1(bytes(fake), len(body))
+    fake = bytearray(body[:16])
+    fake[1] = 1  # a single-part body of two segments cannot start FINAL
+    assert not looks_like_v1(bytes(fake), len(body))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,9 +87,14 @@ def test_aligned_parts_in_random_order_and_parallel(
     stored = direct.head_object(Bucket=bucket, Key="mp")
     assert stored_envelope(direct, bucket, "mp")["cmek-layout"] == "m"
     assert stored["ContentLength"] == sum(crypto.ciphertext_size(n) for n in sizes)
-    # the upload's state object is gone, and never listed
+    # the upload's state object stays, marked done (a repeated Complete answers the same; a
+    # collector removes it by its done_at), and is never listed to clients
     keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    assert [k for k in keys if not k.startswith(".cmek-proxy/env/")] == ["mp"]
+    states = [k for k in keys if k.startswith(".cmek-proxy/uploads/")]
+    assert [k for k in keys if not k.startswith((".cmek-proxy/env/", *states))] == ["mp"]
+    assert len(states) == 1
+    assert "done_at" in json.loads(direct.get_object(Bucket=bucket, Key=states[0])["Body"].read())
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["mp"]
 
 
 def test_non_aligned_parts_are_realigned(client: Any, direct: Any, bucket: str) -> None:

@@ -194,3 +194,53 @@ def test_integrity_failures_are_counted(
     _replace(direct, bucket, "victim", bytes(tampered), meta)
     _read_fails(client, bucket, "victim", data)
     assert failures() > before
+
+
+@pytest.mark.parametrize("size", [0, 100, 3 * S + 777])
+@pytest.mark.parametrize("multipart", [False, True])
+def test_stripped_envelope_is_an_error_never_plaintext(
+    client: Any, direct: Any, bucket: str, size: int, multipart: bool
+) -> None:
+    """A backend that drops the envelope (metadata stripped, sidecar lost) turns ciphertext
+    into an error that says the envelope is missing, never a 200 with the raw ciphertext."""
+    data = _data(size, 7)
+    if multipart:
+        part = _data(5 * 1024 * 1024, 8)
+        up = client.create_multipart_upload(Bucket=bucket, Key="bare")["UploadId"]
+        etags = [
+            client.upload_part(Bucket=bucket, Key="bare", UploadId=up, PartNumber=n, Body=b)["ETag"]
+            for n, b in ((1, part), (2, data))
+        ]
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key="bare",
+            UploadId=up,
+            MultipartUpload={
+                "Parts": [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)]
+            },
+        )
+        data = part + data
+    else:
+        client.put_object(Bucket=bucket, Key="bare", Body=data)
+    body, _, _ = _stored(direct, bucket, "bare")
+    direct.put_object(Bucket=bucket, Key="bare", Body=body)  # same bytes, no metadata
+    if SIDECAR:  # the sidecar lost
+        listed = direct.list_objects_v2(Bucket=bucket, Prefix=sidecar_prefix("bare"))
+        for obj in listed.get("Contents", []):
+            direct.delete_object(Bucket=bucket, Key=obj["Key"])
+        CLEAR_CACHE()
+    for kw in ({}, {"Range": "bytes=0-10"}, {"Range": f"bytes={max(len(data) - 5, 0)}-"}):
+        if not data and kw:
+            continue
+        with pytest.raises(ClientError) as ei:
+            client.get_object(Bucket=bucket, Key="bare", **kw)["Body"].read()
+        assert ei.value.response["Error"]["Code"] == "InternalError"
+        assert "envelope" in ei.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as ei:
+        client.head_object(Bucket=bucket, Key="bare")
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    # Plaintext that only has a size a v1 body could have is still served as legacy.
+    plain = _data(len(body), 9)
+    direct.put_object(Bucket=bucket, Key="legacy", Body=plain)
+    if not SIDECAR:
+        assert client.get_object(Bucket=bucket, Key="legacy")["Body"].read() == plain

@@ -31,11 +31,14 @@ from proxy.crypto.segments import (
     StreamEncryptor,
     decrypt_all,
     encrypt_all,
+    looks_like_v1,
     new_object_key,
+    opens_first_segment,
     stream_key,
 )
 from proxy.crypto.sizes import (
     FORMAT_VERSION,
+    HEADER_SIZE,
     SEGMENT_OVERHEAD,
     SEGMENT_SIZE,
     STORED_SEGMENT_SIZE,
@@ -49,6 +52,7 @@ from proxy.crypto.sizes import (
 __all__ = [
     "DATA_KEY_SIZE",
     "FORMAT_VERSION",
+    "HEADER_SIZE",
     "INTERNAL_PREFIX",
     "MAX_PART",
     "META_PREFIX",
@@ -74,8 +78,10 @@ __all__ = [
     "encrypt_all",
     "from_metadata",
     "is_internal",
+    "looks_like_v1",
     "new_object_key",
     "open_object_key",
+    "opens_first_segment",
     "plaintext_size",
     "plan_range",
     "reseal",

@@ -24,7 +24,7 @@ from proxy.crypto.sizes import (
     STORED_SEGMENT_SIZE,
     segment_count,
 )
-from proxy.errors import IntegrityError
+from proxy.errors import FormatError, IntegrityError
 
 Buffer = bytes | bytearray | memoryview
 RandomBytes = Callable[[int], bytes]
@@ -303,6 +303,49 @@ class StreamDecryptor:
             )
         if number == self._total - 1 and not final:
             raise IntegrityError(f"segment {number}: last segment is not FINAL")
+
+
+def looks_like_v1(first: Buffer, stored_size: int) -> bool:
+    """Whether a body of ``stored_size`` bytes starting with ``first`` may be v1 ciphertext.
+
+    True when the size is one a v1 body can have and the first segment's header parses as
+    the first segment of a stream (version 1, no reserved flag, part 0..10000, index 0, and for
+    a single-part body FINAL exactly when it is the only segment). Nothing is authenticated:
+    this only tells an object whose envelope went missing from plaintext, which it mistakes
+    for ciphertext with a chance of about 2**-49.
+    """
+    view = memoryview(first).cast("B")
+    if len(view) < HEADER_SIZE:
+        return False
+    try:
+        total = segment_count(stored_size)
+    except FormatError:
+        return False
+    version, flags, part, index, _ = _HEADER.unpack_from(view)
+    if version != FORMAT_VERSION or flags & ~FLAG_FINAL or part > MAX_PART or index != 0:
+        return False
+    return part != 0 or bool(flags & FLAG_FINAL) == (total == 1)
+
+
+def opens_first_segment(
+    object_key: bytes, stored: Buffer, total_segments: int, *, multipart: bool
+) -> bool:
+    """Whether ``stored`` (a body's first stored segment, at least) authenticates under
+    ``object_key`` as segment 0 of a body of ``total_segments`` segments."""
+    view = memoryview(stored).cast("B")[:STORED_SEGMENT_SIZE]
+    dec = StreamDecryptor(
+        object_key,
+        multipart=multipart,
+        first_segment=0,
+        last_segment=0,
+        total_segments=total_segments,
+    )
+    try:
+        dec.update(view)
+        dec.finalize()
+    except IntegrityError:
+        return False
+    return True
 
 
 def encrypt_all(

@@ -11,17 +11,16 @@ plaintext source, a passthrough destination - streams through decryption and enc
 
 from __future__ import annotations
 
-import email.utils
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
 from proxy import crypto
-from proxy.backend.client import parse_error
-from proxy.errors import S3Error
-from proxy.layer.bodies import READ_CHUNK
+from proxy.errors import FormatError, S3Error
 from proxy.layer.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
+from proxy.layer.copy_parts import CopySource, iso_time, multipart_copy
+from proxy.layer.envelopes import etag_core
 from proxy.layer.headers import client_storable_headers, copy_source, sse_headers, storable_headers
 from proxy.layer.multipart import MultipartLayer
 from proxy.layer.objects import (
@@ -31,7 +30,7 @@ from proxy.layer.objects import (
     client_etag,
     precondition_failed,
 )
-from proxy.layer.rewrite import ExactReader, write_plaintext
+from proxy.layer.rewrite import write_plaintext
 from proxy.wire.checksums import FLEXIBLE
 from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import find_text, raise_embedded_error, xml_doc
@@ -40,22 +39,9 @@ MAX_SINGLE_COPY: int = 5 * 1024**3
 """Largest stored object one backend CopyObject copies (S3's limit); read at call time."""
 COPY_PART_SIZE: int = 512 * 1024 * 1024
 """Stored bytes per part of a backend multipart copy; read at call time."""
+_COPY_ATTEMPTS: Final = 3
+_TEMP_PREFIX: Final = RESERVED_PREFIX + "tmp/"
 _COPY_CONDITIONS: Final = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
-
-
-@dataclass(frozen=True)
-class CopySource:
-    bucket: str
-    key: str
-    version_id: str | None
-
-    @property
-    def query(self) -> tuple[tuple[str, str], ...]:
-        return (("versionId", self.version_id),) if self.version_id else ()
-
-    def header(self) -> str:
-        value = copy_source(self.bucket, self.key)
-        return value + (f"?versionId={self.version_id}" if self.version_id else "")
 
 
 def parse_copy_source(value: str) -> CopySource:
@@ -79,16 +65,6 @@ def copy_conditions(headers: Mapping[str, str]) -> dict[str, str]:
         if value is not None:
             out[name] = value
     return out
-
-
-def iso_time(http_date: str | None) -> str:
-    if not http_date:
-        return ""
-    try:
-        when = email.utils.parsedate_to_datetime(http_date)
-    except (TypeError, ValueError, IndexError):
-        return http_date
-    return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class CopyLayer:
@@ -147,7 +123,188 @@ class CopyLayer:
         meta: dict[str, str],
         src_headers: Mapping[str, str],
     ) -> tuple[str | None, str]:
-        """Same KEK: a new envelope over the unchanged ciphertext."""
+        """Same KEK: a new envelope over the unchanged ciphertext.
+
+        Backends may ignore ``x-amz-copy-source-if-match`` (moto and rclone do), so a writer
+        that overwrites the source between our HEAD and the backend's copy makes the copy hold
+        other bytes than those whose envelope was read.  The copy's result ETag says which
+        bytes were copied; a copy that turns out wrong is redone (``_COPY_ATTEMPTS`` times),
+        then the object is streamed through the proxy instead (consistent by construction:
+        one GET returns body and envelope together), and if even that fails the wrong copy is
+        removed before the error is answered.  No acknowledged copy fails to open.
+        """
+        written: str | None = None
+        for attempt in range(_COPY_ATTEMPTS):
+            if attempt:
+                head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
+                found = await self.objects.envelope(src.bucket, src.key, head.headers)
+                if found is None or found.kek_uri != env.kek_uri:
+                    break  # the source changed its kind: stream it
+                env, src_headers = found, head.headers
+            result, written = await self._reseal_once(src, bucket, key, env, meta, src_headers)
+            if result is not None:
+                return result
+        try:
+            return await self._recrypt(src, bucket, key, meta, {})
+        except BaseException:
+            if written is not None:
+                await self._remove_if(bucket, key, written)
+            raise
+
+    async def _remove_if(self, bucket: str, key: str, etag: str) -> None:
+        """Delete the object if it still is the (wrong) copy with ``etag``."""
+        head, _ = await self.backend.call("HEAD", bucket, key, ok=(200, 404))
+        if head.status == 200 and etag_core(head.headers.get("etag")) == etag_core(etag):
+            await self.backend.call("DELETE", bucket, key, ok=(200, 204, 404))
+            self.objects.envelopes.invalidate(bucket, key)
+
+    async def _reseal_once(
+        self,
+        src: CopySource,
+        bucket: str,
+        key: str,
+        env: crypto.Envelope,
+        meta: dict[str, str],
+        src_headers: Mapping[str, str],
+    ) -> tuple[tuple[str | None, str] | None, str | None]:
+        """One attempt: (client ETag, LastModified), or None and the ETag of a wrong copy."""
+        src_etag = src_headers.get("etag", "")
+        stored_size = int(src_headers.get("content-length", "0"))
+        self_copy = (src.bucket, src.key) == (bucket, key) and not src.version_id
+        if stored_size > MAX_SINGLE_COPY:
+            new_env = await self._resealed(src, bucket, key, env)
+            full = {**meta, **self.objects.envelopes.put_headers(new_env)}
+            done = None
+            if not self.no_part_copy:
+                done = await multipart_copy(
+                    self.objects, src, bucket, key, full, src_etag, stored_size, COPY_PART_SIZE
+                )
+                if done is None:
+                    # The backend took UploadPartCopy for an empty UploadPart (rclone), and
+                    # some backends cannot replace a streamed part: start again, streaming.
+                    self.no_part_copy = True
+            if done is None:
+                done = await multipart_copy(
+                    self.objects,
+                    src,
+                    bucket,
+                    key,
+                    full,
+                    src_etag,
+                    stored_size,
+                    COPY_PART_SIZE,
+                    stream=True,
+                )
+            if done is False:
+                return None, None  # the source changed during the copy: nothing completed
+            assert done is not None and done is not True
+            await self.objects.commit_envelope(bucket, key, new_env, backend_etag(done[0] or ""))
+            return done, None
+        if self_copy and self.objects.envelopes.kind == "metadata":
+            return await self._self_copy_via_temp(src, bucket, key, meta), None
+        new_env = await self._resealed(src, bucket, key, env)
+        done = await self._backend_copy(
+            src.header(),
+            bucket,
+            key,
+            {**meta, **self.objects.envelopes.put_headers(new_env)},
+            if_match=src_etag,
+        )
+        if done is None:
+            return None, None  # the backend honoured the condition: nothing was written
+        etag, modified = done
+        copied = await self._copied_envelope(src, env, src_etag, etag, self_copy)
+        if copied is None:
+            return None, etag
+        if copied is not env:
+            if self.objects.envelopes.kind != "sidecar":
+                return None, etag  # the metadata written is another version's: redo
+            new_env = await self._resealed(src, bucket, key, copied)
+        await self.objects.commit_envelope(bucket, key, new_env, etag)
+        return (client_etag(etag, True), modified), None
+
+    async def _backend_copy(
+        self, source: str, bucket: str, key: str, meta: Mapping[str, str], if_match: str = ""
+    ) -> tuple[str, str] | None:
+        """Backend CopyObject with REPLACE; the ETag and LastModified of the copy.
+
+        None when the backend refused ``if_match`` (the source changed): S3 honours it, so
+        there no wrong copy is ever written; moto and rclone ignore it.
+        """
+        hdrs = {**meta, "x-amz-copy-source": source, "x-amz-metadata-directive": "REPLACE"}
+        if if_match:
+            hdrs["x-amz-copy-source-if-match"] = if_match
+        resp, data = await self.backend.call("PUT", bucket, key, headers=hdrs, ok=(200, 412))
+        if resp.status == 412:
+            return None
+        raise_embedded_error(data)
+        etag = find_text(data, "ETag")
+        modified = find_text(data, "LastModified")
+        if not (etag and modified):  # rclone answers a self-copy with an empty result
+            head, _ = await self.backend.call("HEAD", bucket, key)
+            etag = etag or head.headers.get("etag", "")
+            modified = modified or iso_time(head.headers.get("last-modified"))
+        if not etag:
+            raise FormatError("backend gave the copy no ETag")
+        return etag, modified
+
+    async def _copied_envelope(
+        self,
+        src: CopySource,
+        env: crypto.Envelope,
+        src_etag: str,
+        copied_etag: str,
+        self_copy: bool,
+    ) -> crypto.Envelope | None:
+        """The envelope of the source version the backend really copied, if it can be known."""
+        if etag_core(copied_etag) == etag_core(src_etag):
+            return env  # same MD5: the bytes whose envelope was read
+        if self.objects.envelopes.kind == "sidecar":
+            # Sidecars are keyed by the stored bytes' ETag: the copied version's own envelope.
+            found = await self.objects.envelope(src.bucket, src.key, {"etag": copied_etag})
+            if found is not None and found.kek_uri == env.kek_uri:
+                return found
+        if "-" in (etag_core(src_etag) or "") and not self_copy:
+            # A multipart source's copy gets a new ETag on some backends (moto: the MD5 of the
+            # whole): the source unchanged from before the copy to after it was what it copied.
+            head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
+            if etag_core(head.headers.get("etag")) == etag_core(src_etag):
+                return env
+        return None
+
+    async def _self_copy_via_temp(
+        self, src: CopySource, bucket: str, key: str, meta: dict[str, str]
+    ) -> tuple[str | None, str] | None:
+        """A metadata-store self-copy, through a private temporary copy.
+
+        Copied onto itself, a version written meanwhile by someone else would get our envelope
+        and never open again (its own envelope is overwritten).  A copy with COPY directive
+        takes bytes and envelope together into a temporary object nobody else writes; the
+        resealed envelope comes from there.
+        """
+        tmp = _TEMP_PREFIX + uuid.uuid4().hex
+        hdrs = {"x-amz-copy-source": src.header(), "x-amz-metadata-directive": "COPY"}
+        _, data = await self.backend.call("PUT", bucket, tmp, headers=hdrs)
+        try:
+            raise_embedded_error(data)
+            head, _ = await self.backend.call("HEAD", bucket, tmp)
+            env = await self.objects.envelope(src.bucket, src.key, head.headers)
+            if env is None:
+                return None  # the source became plaintext: stream it
+            new_env = await self._resealed(src, bucket, key, env)
+            done = await self._backend_copy(
+                copy_source(bucket, tmp), bucket, key, {**meta, **crypto.to_metadata(new_env)}
+            )
+            assert done is not None  # no condition
+            etag, modified = done
+        finally:
+            await self.backend.call("DELETE", bucket, tmp, ok=(200, 204, 404))
+        return client_etag(etag, True), modified
+
+    async def _resealed(
+        self, src: CopySource, bucket: str, key: str, env: crypto.Envelope
+    ) -> crypto.Envelope:
+        """``env`` (of the source) re-sealed for the destination's bucket, name and data key."""
         object_key = await self.objects.object_key_for(src.bucket, src.key, env)
         dk = await self.objects.keys.data_key_for_write(env.kek_uri, bucket)
         sealed = crypto.seal_object_key(
@@ -160,7 +317,7 @@ class CopyLayer:
             checksum = reseal_checksum(
                 object_key, env.checksum, (src.bucket, src.key), (bucket, key)
             )
-        new_env = crypto.Envelope(
+        return crypto.Envelope(
             kek_uri=env.kek_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
@@ -168,141 +325,6 @@ class CopyLayer:
             multipart=env.multipart,
             checksum=checksum,
         )
-        meta = {**meta, **self.objects.envelopes.put_headers(new_env)}
-        src_etag = src_headers.get("etag", "")
-        stored_size = int(src_headers.get("content-length", "0"))
-        if stored_size <= MAX_SINGLE_COPY:
-            hdrs = {
-                **meta,
-                "x-amz-copy-source": src.header(),
-                "x-amz-metadata-directive": "REPLACE",
-                "x-amz-copy-source-if-match": src_etag,
-            }
-            _, data = await self.backend.call("PUT", bucket, key, headers=hdrs)
-            raise_embedded_error(data)
-            etag: str | None = find_text(data, "ETag")
-            modified = find_text(data, "LastModified")
-            if not (etag and modified):
-                head, _ = await self.backend.call("HEAD", bucket, key)
-                etag = head.headers.get("etag")
-                modified = iso_time(head.headers.get("last-modified"))
-            await self.objects.commit_envelope(bucket, key, new_env, etag)
-            return client_etag(etag, True), modified
-        done = None
-        if not self.no_part_copy:
-            done = await self._multipart_copy(src, bucket, key, meta, src_etag, stored_size)
-            if done is None:
-                # The backend took UploadPartCopy for an empty UploadPart (rclone), and some
-                # backends cannot replace a streamed part: start again, streaming the bytes.
-                self.no_part_copy = True
-        if done is None:
-            done = await self._multipart_copy(
-                src, bucket, key, meta, src_etag, stored_size, stream=True
-            )
-        assert done is not None
-        await self.objects.commit_envelope(bucket, key, new_env, backend_etag(done[0] or ""))
-        return done
-
-    async def _multipart_copy(
-        self,
-        src: CopySource,
-        bucket: str,
-        key: str,
-        meta: dict[str, str],
-        src_etag: str,
-        stored_size: int,
-        *,
-        stream: bool = False,
-    ) -> tuple[str | None, str] | None:
-        """Backend multipart copy of ciphertext ranges: the stored bytes stay as they are.
-
-        With ``stream`` the ranges go through the proxy (still not decrypted) for backends
-        without UploadPartCopy.  None (upload aborted) when the backend turns out to have none.
-        """
-        _, data = await self.backend.call(
-            "POST", bucket, key, query=(("uploads", ""),), headers=meta
-        )
-        upload_id = find_text(data, "UploadId")
-        parts: list[tuple[int, str]] = []
-        try:
-            offset, number = 0, 1
-            while offset < stored_size:
-                end = min(offset + COPY_PART_SIZE, stored_size) - 1
-                if stream:
-                    etag = await self._stream_part(src, bucket, key, upload_id, number, offset, end)
-                    parts.append((number, etag))
-                    offset, number = end + 1, number + 1
-                    continue
-                _, data = await self.backend.call(
-                    "PUT",
-                    bucket,
-                    key,
-                    query=(("partNumber", str(number)), ("uploadId", upload_id)),
-                    headers={
-                        "x-amz-copy-source": src.header(),
-                        "x-amz-copy-source-range": f"bytes={offset}-{end}",
-                        "x-amz-copy-source-if-match": src_etag,
-                    },
-                )
-                raise_embedded_error(data)
-                etag = find_text(data, "ETag")
-                if not etag:
-                    await self._abort(bucket, key, upload_id)
-                    return None
-                parts.append((number, etag))
-                offset, number = end + 1, number + 1
-            xml = "".join(
-                f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in parts
-            )
-            _, data = await self.backend.call(
-                "POST",
-                bucket,
-                key,
-                query=(("uploadId", upload_id),),
-                body=f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode(),
-            )
-            raise_embedded_error(data)
-        except BaseException:
-            await self._abort(bucket, key, upload_id)
-            raise
-        head, _ = await self.backend.call("HEAD", bucket, key)
-        return client_etag(head.headers.get("etag"), True), iso_time(
-            head.headers.get("last-modified")
-        )
-
-    async def _abort(self, bucket: str, key: str, upload_id: str) -> None:
-        await self.backend.call(
-            "DELETE", bucket, key, query=(("uploadId", upload_id),), ok=(200, 204, 404)
-        )
-
-    async def _stream_part(
-        self,
-        src: CopySource,
-        bucket: str,
-        key: str,
-        upload_id: str,
-        number: int,
-        first: int,
-        last: int,
-    ) -> str:
-        """Upload stored bytes ``first..last`` of the source unchanged as part ``number``."""
-        hdrs = {"range": f"bytes={first}-{last}"}
-        resp = await self.backend.request("GET", src.bucket, src.key, query=src.query, headers=hdrs)
-        try:
-            if resp.status not in (200, 206) or "content-range" not in resp.headers:
-                raise parse_error(resp.status, await resp.read())
-            res = await self.objects.send_put(
-                bucket,
-                key,
-                {},
-                ExactReader(resp.content.iter_chunked(READ_CHUNK)).take(last - first + 1),
-                last - first + 1,
-                encrypted=False,
-                query=(("partNumber", str(number)), ("uploadId", upload_id)),
-            )
-        finally:
-            resp.close()
-        return res.etag or ""
 
     async def _recrypt(
         self, src: CopySource, bucket: str, key: str, meta: dict[str, str], cond: dict[str, str]

@@ -30,20 +30,25 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, Literal, Protocol
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
-from proxy.errors import FormatError
+from proxy.errors import FormatError, IntegrityError
 from proxy.wire.xmldoc import parse_backend
 
 SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
 KEY_FIELD: Final = "key"
 """The sidecar names its object's key, so ``gc`` can tell an orphan (the folder is a hash)."""
+PENDING_PREFIX: Final = ".cmek-proxy/pending/"
+"""``<sha256(key)>/<upload id>``: the envelope of a multipart Complete in flight (sidecar store)."""
+_MAX_PENDING: Final = 16
 _CACHE_ENTRIES: Final = 50_000
 
 StoreKind = Literal["metadata", "sidecar"]
+OpenKey = Callable[[crypto.Envelope], Awaitable[bytes]]
+"""Opens an envelope's object key (unwrap through the KMS, then open the sealed key)."""
 
 
 def etag_core(etag: str | None) -> str | None:
@@ -93,6 +98,22 @@ class EnvelopeStore(Protocol):
         plaintext write): drop the envelopes of the versions it replaced."""
         ...
 
+    async def write_pending(
+        self, bucket: str, key: str, upload_id: str, env: crypto.Envelope
+    ) -> None:
+        """Before a multipart Complete: the envelope the completed object will have."""
+        ...
+
+    async def drop_pending(self, bucket: str, key: str, upload_id: str) -> None:
+        """After the completed object's envelope is stored."""
+        ...
+
+    async def recover(
+        self, bucket: str, key: str, headers: Mapping[str, str], open_key: OpenKey
+    ) -> crypto.Envelope | None:
+        """The envelope of an object whose own was not found, from a pending completion."""
+        ...
+
     def invalidate(self, bucket: str, key: str) -> None:
         """Forget what is cached about one object's envelope."""
         ...
@@ -128,6 +149,19 @@ class MetadataEnvelopes:
     async def committed(
         self, bucket: str, key: str, env: crypto.Envelope | None, backend_etag: str | None
     ) -> None:
+        return None
+
+    async def write_pending(
+        self, bucket: str, key: str, upload_id: str, env: crypto.Envelope
+    ) -> None:
+        return None  # the backend's Complete carries the upload's metadata atomically
+
+    async def drop_pending(self, bucket: str, key: str, upload_id: str) -> None:
+        return None
+
+    async def recover(
+        self, bucket: str, key: str, headers: Mapping[str, str], open_key: OpenKey
+    ) -> crypto.Envelope | None:
         return None
 
     def invalidate(self, bucket: str, key: str) -> None:
@@ -300,6 +334,94 @@ class SidecarEnvelopes:
             return await self.read(bucket, key, {"etag": etag})
         except FormatError:
             return None
+
+    # A multipart object's ETag is known only after the backend's Complete (rclone's is the
+    # MD5 of the whole body, not computable from the parts), so its sidecar cannot be written
+    # before it. The envelope is written first under the key's pending prefix instead; a
+    # reader that finds no sidecar tries the pending envelopes of that key, accepts the one
+    # whose object key authenticates the object's first stored segment, and writes the
+    # sidecar itself. A Complete killed half-way thus leaves an object that reads as the old
+    # one (backend not completed) or the new one, never one without an envelope.
+    async def write_pending(
+        self, bucket: str, key: str, upload_id: str, env: crypto.Envelope
+    ) -> None:
+        body = json.dumps(crypto.to_metadata(env), sort_keys=True).encode()
+        await self._backend.call(
+            "PUT",
+            bucket,
+            pending_prefix(key) + upload_id,
+            headers={"content-type": "application/json"},
+            body=body,
+        )
+
+    async def drop_pending(self, bucket: str, key: str, upload_id: str) -> None:
+        await self._backend.call(
+            "DELETE", bucket, pending_prefix(key) + upload_id, ok=(200, 204, 404)
+        )
+
+    async def recover(
+        self, bucket: str, key: str, headers: Mapping[str, str], open_key: OpenKey
+    ) -> crypto.Envelope | None:
+        etag = etag_core(headers.get("etag"))
+        try:
+            total = crypto.segment_count(int(headers.get("content-length", "")))
+        except (ValueError, FormatError):
+            return None
+        if etag is None:
+            return None
+        prefix = pending_prefix(key)
+        _, listing = await self._backend.call(
+            "GET",
+            bucket,
+            query=(("list-type", "2"), ("prefix", prefix), ("max-keys", str(_MAX_PENDING))),
+        )
+        names = [
+            el.text
+            for el in parse_backend(listing).iter()
+            if el.tag.endswith("Key") and el.text and el.text.startswith(prefix)
+        ]
+        if not names:
+            return None
+        first = await self._first_segment(bucket, key, etag)
+        for name in names:
+            resp, data = await self._backend.call("GET", bucket, name, ok=(200, 404))
+            if resp.status != 200:
+                continue
+            try:
+                meta = json.loads(data)
+                env = crypto.from_metadata({str(k): str(v) for k, v in dict(meta).items()})
+            except (ValueError, TypeError, FormatError):
+                continue
+            if env is None or not env.multipart:
+                continue
+            try:
+                object_key = await open_key(env)
+            except IntegrityError:
+                continue
+            if crypto.opens_first_segment(object_key, first, total, multipart=True):
+                await self._write(bucket, key, etag, env)
+                return env
+        return None
+
+    async def _first_segment(self, bucket: str, key: str, etag: str) -> bytes:
+        hdrs = {"range": f"bytes=0-{crypto.STORED_SEGMENT_SIZE - 1}", "if-match": f'"{etag}"'}
+        resp = await self._backend.request("GET", bucket, key, headers=hdrs)
+        try:
+            if resp.status not in (200, 206):
+                return b""
+            data = await resp.content.read(crypto.STORED_SEGMENT_SIZE)
+            while len(data) < crypto.STORED_SEGMENT_SIZE:
+                more = await resp.content.read(crypto.STORED_SEGMENT_SIZE - len(data))
+                if not more:
+                    break
+                data += more
+            return data
+        finally:
+            resp.close()
+
+
+def pending_prefix(key: str) -> str:
+    return PENDING_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest() + "/"
 
 
 def make_store(kind: StoreKind, backend: BackendClient, cache_ttl: float = 300.0) -> EnvelopeStore:

@@ -15,25 +15,34 @@ streaming) into an aligned layout before Complete answers.
 
 from __future__ import annotations
 
-import itertools
-import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Final
-from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from cachetools import TTLCache
 
 from proxy import crypto
 from proxy.errors import FormatError, S3Error
-from proxy.layer.checksum_store import COMPOSITE, FULL_OBJECT, StoredChecksum, seal_checksum
+from proxy.layer.checksum_store import COMPOSITE, StoredChecksum, seal_checksum
 from proxy.layer.headers import client_storable_headers, sse_headers, storable_headers
 from proxy.layer.objects import ObjectLayer, PutResult, backend_etag, client_etag
 from proxy.layer.rewrite import StoredPart, realign
-from proxy.wire import checksums
-from proxy.wire.checksums import ChecksumAlgorithm
-from proxy.wire.reserved import RESERVED_PREFIX
+from proxy.layer.uploads import (
+    MAX_COPY_SIZE,
+    MIN_PART_SIZE,
+    STATE_PREFIX,
+    Completion,
+    UploadState,
+    checksum_request,
+    combined_checksum,
+    invalid_part,
+    no_such_upload,
+    parse_complete,
+)
+from proxy.layer.uploads import (
+    part_number as parse_part_number,
+)
 from proxy.wire.xmldoc import (
     child_text,
     find_text,
@@ -44,149 +53,7 @@ from proxy.wire.xmldoc import (
     xml_doc,
 )
 
-STATE_PREFIX: Final = RESERVED_PREFIX + "uploads/"
-MIN_PART_SIZE: Final = 5 * 1024 * 1024
-MAX_COPY_SIZE: Final = 5 * 1024**3
-"""Largest object a backend CopyObject handles (S3's limit)."""
-_STATE_VERSION: Final = 1
 _MAX_LIST_PAGES: Final = 20  # 20 pages of 1000 parts cover S3's 10000
-
-
-def malformed() -> S3Error:
-    return S3Error(
-        "MalformedXML",
-        "The XML you provided was not well-formed or did not validate against our published schema",
-        400,
-    )
-
-
-def no_such_upload() -> S3Error:
-    return S3Error(
-        "NoSuchUpload",
-        "The specified upload does not exist. The upload ID may be invalid, or the upload "
-        "may have been aborted or completed.",
-        404,
-    )
-
-
-def invalid_part(number: int) -> S3Error:
-    return S3Error(
-        "InvalidPart",
-        "One or more of the specified parts could not be found. The part may not have been "
-        "uploaded, or the specified entity tag may not match the part's entity tag.",
-        400,
-        extra={"PartNumber": str(number)},
-    )
-
-
-@dataclass(frozen=True)
-class UploadState:
-    """What any replica needs to serve a part: the envelope (None: stored as sent)."""
-
-    bucket: str
-    key: str
-    envelope: crypto.Envelope | None
-    checksum_algorithm: ChecksumAlgorithm | None = None
-    checksum_type: str | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "v": _STATE_VERSION,
-                "bucket": self.bucket,
-                "key": self.key,
-                "meta": crypto.to_metadata(self.envelope) if self.envelope else None,
-                "ck_alg": self.checksum_algorithm.value if self.checksum_algorithm else None,
-                "ck_type": self.checksum_type,
-            }
-        ).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> UploadState:
-        try:
-            doc = json.loads(data)
-            if doc["v"] != _STATE_VERSION:
-                raise FormatError("unknown upload state version")
-            meta = doc["meta"]
-            env = crypto.from_metadata(meta) if meta is not None else None
-            alg = ChecksumAlgorithm(doc["ck_alg"]) if doc["ck_alg"] else None
-            return cls(str(doc["bucket"]), str(doc["key"]), env, alg, doc["ck_type"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FormatError("upload state does not parse") from exc
-
-
-@dataclass(frozen=True)
-class ClientPart:
-    number: int
-    etag: str
-    checksums: dict[str, str] = field(default_factory=dict)
-    """Checksum element name (``ChecksumCRC32``) -> base64 value, as the client listed it."""
-
-
-def parse_complete(body: bytes) -> list[ClientPart]:
-    """The parts of a CompleteMultipartUpload document, checked for order."""
-    try:
-        root = ElementTree.fromstring(body)  # noqa: S314 - see xmldoc
-    except ElementTree.ParseError:
-        raise malformed() from None
-    if local(root.tag) != "CompleteMultipartUpload":
-        raise malformed()
-    parts: list[ClientPart] = []
-    for el in root:
-        if local(el.tag) != "Part":
-            continue
-        fields = {local(c.tag): (c.text or "").strip() for c in el}
-        number_s, etag = fields.get("PartNumber", ""), fields.get("ETag", "")
-        if not number_s.isdigit() or not etag:
-            raise malformed()
-        number = int(number_s)
-        if not 1 <= number <= crypto.MAX_PART:
-            raise S3Error(
-                "InvalidArgument", "Part number must be an integer between 1 and 10000", 400
-            )
-        cks = {k: v for k, v in fields.items() if k.startswith("Checksum") and k != "ChecksumType"}
-        parts.append(ClientPart(number, etag, cks))
-    if not parts:
-        raise malformed()
-    for a, b in itertools.pairwise(parts):
-        if b.number <= a.number:
-            raise S3Error(
-                "InvalidPartOrder",
-                "The list of parts was not in ascending order. Parts must be ordered by part "
-                "number.",
-                400,
-            )
-    return parts
-
-
-def _checksum_request(headers: Mapping[str, str]) -> tuple[ChecksumAlgorithm | None, str | None]:
-    alg_s = headers.get("x-amz-checksum-algorithm")
-    ctype = headers.get("x-amz-checksum-type")
-    if alg_s is None:
-        if ctype is not None:
-            raise S3Error(
-                "InvalidRequest", "x-amz-checksum-type requires x-amz-checksum-algorithm", 400
-            )
-        return None, None
-    alg = ChecksumAlgorithm.from_name(alg_s)
-    if ctype is None:
-        ctype = FULL_OBJECT if alg is ChecksumAlgorithm.CRC64NVME else COMPOSITE
-    ctype = ctype.upper()
-    if ctype not in (FULL_OBJECT, COMPOSITE):
-        raise S3Error("InvalidRequest", "Value for x-amz-checksum-type header is invalid.", 400)
-    if ctype == FULL_OBJECT and not alg.is_crc:
-        raise S3Error(
-            "InvalidRequest",
-            f"The {alg.value} checksum algorithm does not support the FULL_OBJECT checksum type.",
-            400,
-        )
-    if ctype == COMPOSITE and alg is ChecksumAlgorithm.CRC64NVME:
-        raise S3Error(
-            "InvalidRequest",
-            "The CRC64NVME checksum algorithm does not support the COMPOSITE checksum type.",
-            400,
-        )
-    return alg, ctype
 
 
 class MultipartLayer:
@@ -208,8 +75,12 @@ class MultipartLayer:
         )
         self._states[(state.bucket, upload_id)] = state
 
-    async def state(self, bucket: str, key: str, upload_id: str) -> UploadState:
-        """The upload's state: from the cache, else one small backend GET."""
+    async def state(
+        self, bucket: str, key: str, upload_id: str, *, allow_done: bool = False
+    ) -> UploadState:
+        """The upload's state: from the cache, else one small backend GET.
+
+        A completed upload is NoSuchUpload unless ``allow_done`` (a repeated Complete)."""
         state = self._states.get((bucket, upload_id))
         if state is None:
             if not upload_id or "/" in upload_id:
@@ -221,7 +92,7 @@ class MultipartLayer:
                 raise no_such_upload()
             state = UploadState.from_json(data)
             self._states[(bucket, upload_id)] = state
-        if state.bucket != bucket or state.key != key:
+        if state.bucket != bucket or state.key != key or (state.done and not allow_done):
             raise no_such_upload()
         return state
 
@@ -235,7 +106,7 @@ class MultipartLayer:
     ) -> tuple[bytes, dict[str, str]]:
         """Start an upload; the backend's UploadId is returned unchanged."""
         decision = self.objects.decide_write(bucket, key)
-        alg, ctype = _checksum_request(headers)
+        alg, ctype = checksum_request(headers)
         out = client_storable_headers(headers)
         env: crypto.Envelope | None = None
         resp_headers: dict[str, str] = {}
@@ -293,7 +164,7 @@ class MultipartLayer:
         length: int,
     ) -> PutResult:
         """Encrypt ``length`` plaintext bytes as part ``part_number``, streaming."""
-        number = _part_number(part_number)
+        number = parse_part_number(part_number)
         state = await self.state(bucket, key, upload_id)
         query = (("partNumber", str(number)), ("uploadId", upload_id))
         if state.envelope is None:
@@ -371,20 +242,47 @@ class MultipartLayer:
     async def complete(
         self, bucket: str, key: str, upload_id: str, body: bytes, headers: Mapping[str, str]
     ) -> tuple[bytes, dict[str, str]]:
+        """CompleteMultipartUpload, crash-safe and repeatable.
+
+        With sidecar envelopes the completed object's envelope is written (as pending, see
+        ``envelopes.py``) before the backend's Complete, so the key reads as the old object,
+        the new one, or - during a realignment - an error, at every instant. The state object
+        stays, marked done with the answer, so a Complete repeated after it succeeded (SDKs
+        retry after a timeout) answers the same; a repeat after a crash between the backend's
+        Complete and that mark finds the completed object by its sealed object key.
+        """
         parts = parse_complete(body)
-        state = await self.state(bucket, key, upload_id)
+        state = await self.state(bucket, key, upload_id, allow_done=True)
+        if state.done is not None:
+            if state.done.parts != tuple((p.number, _etag(p.etag)) for p in parts):
+                raise no_such_upload()
+            return self._answer(bucket, key, state.done)
         if state.envelope is None:
-            _, data = await self.backend.call(
-                "POST", bucket, key, query=(("uploadId", upload_id),), body=body
+            data = await self._backend_complete(bucket, key, upload_id, body, state)
+            done = Completion(
+                tuple((p.number, _etag(p.etag)) for p in parts), find_text(data, "ETag")
             )
-            raise_embedded_error(data)
-            await self._drop_state(bucket, upload_id)
+            await self._put_state(upload_id, replace(state, done=done))
             return data, {}
-        stored = await self.stored_parts(bucket, key, upload_id)
+        try:
+            stored = await self.stored_parts(bucket, key, upload_id)
+        except S3Error as exc:
+            if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
+                raise
+            # Completed on the backend by a proxy that died before it answered.
+            head, _ = await self.backend.call("HEAD", bucket, key)
+            done = Completion(
+                tuple((p.number, _etag(p.etag)) for p in parts),
+                client_etag(head.headers.get("etag"), True) or "",
+                sse_headers(state.envelope.kek_uri),
+            )
+            await self._put_state(upload_id, replace(state, done=done))
+            await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+            return self._answer(bucket, key, done)
         sizes: list[int] = []
         for p in parts:
             have = stored.get(p.number)
-            if have is None or backend_etag(p.etag).strip('"') != have.etag.strip('"'):
+            if have is None or _etag(p.etag) != have.etag.strip('"'):
                 raise invalid_part(p.number)
             try:
                 sizes.append(crypto.plaintext_size(have.stored_size))
@@ -398,47 +296,80 @@ class MultipartLayer:
                     400,
                     extra={"PartNumber": str(p.number), "ProposedSize": str(size)},
                 )
-        checksum = _combined_checksum(state, parts, sizes, headers)
+        checksum = combined_checksum(state, parts, sizes, headers)
+        aligned = all(s % crypto.SEGMENT_SIZE == 0 for s in sizes[:-1]) and (
+            len(sizes) == 1 or sizes[-1] > 0
+        )
+        env = state.envelope
+        sidecar = self.objects.envelopes.kind == "sidecar"
+        if sidecar and aligned and checksum is not None:
+            object_key = await self.objects.object_key_for(bucket, key, env)
+            env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
+        if sidecar:
+            await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
         xml = "".join(
             f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(stored[p.number].etag)}"
             "</ETag></Part>"
             for p in parts
         )
         doc = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
-        _, data = await self.backend.call(
-            "POST", bucket, key, query=(("uploadId", upload_id),), body=doc
-        )
-        raise_embedded_error(data)
-        aligned = all(s % crypto.SEGMENT_SIZE == 0 for s in sizes[:-1]) and (
-            len(sizes) == 1 or sizes[-1] > 0
-        )
-        env = state.envelope
+        await self._backend_complete(bucket, key, upload_id, doc, state)
         if not aligned:
-            if self.objects.envelopes.kind == "sidecar":
+            if sidecar:
                 await self.objects.commit_envelope(bucket, key, env, None)  # to read it back
             await realign(
                 self.objects, bucket, key, env, [stored[p.number] for p in parts], checksum
             )
-        elif self.objects.envelopes.kind == "sidecar":
-            if checksum is not None:
-                object_key = await self.objects.object_key_for(bucket, key, env)
-                env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
+        elif sidecar:
             await self.objects.commit_envelope(bucket, key, env, None)
         elif (
             checksum is not None and sum(crypto.ciphertext_size(s) for s in sizes) <= MAX_COPY_SIZE
         ):
             await self._store_checksum(bucket, key, env, checksum)
-        await self._drop_state(bucket, upload_id)
         head, _ = await self.backend.call("HEAD", bucket, key)
         etag = client_etag(head.headers.get("etag"), True) or ""
         out = sse_headers(env.kek_uri)
+        fields: list[tuple[str, str]] = []
         if checksum is not None:
             out.update(checksum.headers())
-        fields = [("Bucket", bucket), ("Key", key), ("ETag", etag)]
-        if checksum is not None:
             fields.append((f"Checksum{checksum.algorithm.value}", checksum.value))
             fields.append(("ChecksumType", checksum.type))
-        return xml_doc("CompleteMultipartUploadResult", fields), out
+        done = Completion(tuple((p.number, _etag(p.etag)) for p in parts), etag, out, tuple(fields))
+        await self._put_state(upload_id, replace(state, done=done))
+        if sidecar:
+            await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+        return self._answer(bucket, key, done)
+
+    @staticmethod
+    def _answer(bucket: str, key: str, done: Completion) -> tuple[bytes, dict[str, str]]:
+        fields = [("Bucket", bucket), ("Key", key), ("ETag", done.etag), *done.fields]
+        return xml_doc("CompleteMultipartUploadResult", fields), dict(done.headers)
+
+    async def _backend_complete(
+        self, bucket: str, key: str, upload_id: str, doc: bytes, state: UploadState
+    ) -> bytes:
+        """The backend's Complete; a NoSuchUpload for an upload that this very state completed
+        (a proxy killed before it marked the state done) counts as done."""
+        try:
+            _, data = await self.backend.call(
+                "POST", bucket, key, query=(("uploadId", upload_id),), body=doc
+            )
+            raise_embedded_error(data)
+        except S3Error as exc:
+            if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
+                raise
+            head, _ = await self.backend.call("HEAD", bucket, key)
+            return xml_doc("CompleteMultipartUploadResult", (("ETag", head.headers["etag"]),))
+        return data
+
+    async def _completed_by(self, bucket: str, key: str, state: UploadState) -> bool:
+        head, _ = await self.backend.call("HEAD", bucket, key, ok=(200, 404))
+        if head.status != 200:
+            return False
+        if state.envelope is None:
+            return "-" in (head.headers.get("etag") or "")  # a plaintext multipart object
+        found = await self.objects.envelope(bucket, key, head.headers)
+        return found is not None and found.sealed_object_key == state.envelope.sealed_object_key
 
     async def _store_checksum(
         self, bucket: str, key: str, env: crypto.Envelope, checksum: StoredChecksum
@@ -456,41 +387,6 @@ class MultipartLayer:
         )
 
 
-def _combined_checksum(
-    state: UploadState,
-    parts: Sequence[ClientPart],
-    sizes: Sequence[int],
-    headers: Mapping[str, str],
-) -> StoredChecksum | None:
-    """The object's checksum as S3 computes it from the parts' checksums, if all have one."""
-    alg = state.checksum_algorithm
-    if alg is None:
-        return None
-    name = f"Checksum{alg.value}"
-    values = [p.checksums.get(name) for p in parts]
-    if any(v is None for v in values):
-        raise S3Error(
-            "InvalidRequest",
-            f"The upload was created using a {alg.value} checksum. The complete request must "
-            f"include the checksum for each part. It was missing for part "
-            f"{next(p.number for p in parts if name not in p.checksums)} in the request.",
-            400,
-        )
-    got = [v for v in values if v is not None]
-    if state.checksum_type == FULL_OBJECT:
-        value = checksums.combine_full_object(alg, list(zip(got, sizes, strict=True)))
-        declared = headers.get(alg.header)
-        if declared is not None and declared.strip() != value:
-            raise S3Error(
-                "BadDigest",
-                f"The {alg.value} you specified did not match the calculated checksum.",
-                400,
-            )
-        return StoredChecksum(alg, value, FULL_OBJECT)
-    return StoredChecksum(alg, checksums.combine_composite(alg, got), COMPOSITE)
-
-
-def _part_number(value: str | None) -> int:
-    if value is None or not value.isdigit() or not 1 <= int(value) <= crypto.MAX_PART:
-        raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000", 400)
-    return int(value)
+def _etag(client_value: str) -> str:
+    """A client's part ETag as the backend's, without quotes."""
+    return backend_etag(client_value).strip('"')

@@ -119,7 +119,7 @@ class ObjectLayer(ObjectWrites):
                 object_key = await self.object_key_for(bucket, key, env)
                 headers.update(self._checksum_headers(bucket, key, object_key, env))
         else:
-            self._check_legacy(bucket, key, size, resp.headers)
+            await self._check_legacy(bucket, key, size, resp.headers, query)
         return GetResult(resp.status, headers, None, size)
 
     async def get_object(
@@ -188,7 +188,7 @@ class ObjectLayer(ObjectWrites):
             if rng is not None and is_partial(resp) and (env is not None) != guess_encrypted:
                 return None
             if env is None:
-                result = self._plaintext_result(bucket, key, resp, rng, headers)
+                result = await self._plaintext_result(bucket, key, resp, rng, headers, query)
             else:
                 result = await self._decrypt_result(
                     bucket, key, resp, env, rng, headers, checksum_mode
@@ -236,15 +236,17 @@ class ObjectLayer(ObjectWrites):
             raise invalid_range(size)  # already concrete: the backend's 416 stands
         return ClientRange(start, end)
 
-    def _plaintext_result(
+    async def _plaintext_result(
         self,
         bucket: str,
         key: str,
         resp: aiohttp.ClientResponse,
         rng: ClientRange | None,
         headers: CIMultiDict[str],
+        query: tuple[tuple[str, str], ...],
     ) -> GetResult:
-        legacy = self._check_legacy(bucket, key, stored_extent(resp)[0], resp.headers)
+        stored_size = stored_extent(resp)[0]
+        legacy = await self._check_legacy(bucket, key, stored_size, resp.headers, query)
         self.metrics.plaintext_reads.labels(reason="legacy" if legacy else "passthrough").inc()
         passed = (
             (SSE_HEADER, SSE_KEY_HEADER)
@@ -387,7 +389,12 @@ class ObjectLayer(ObjectWrites):
         self, bucket: str, key: str, headers: Mapping[str, str]
     ) -> crypto.Envelope | None:
         try:
-            return await self.envelopes.read(bucket, key, headers)
+            env = await self.envelopes.read(bucket, key, headers)
+            if env is None and self.envelopes.kind == "sidecar":
+                env = await self.envelopes.recover(
+                    bucket, key, headers, lambda found: self.object_key_for(bucket, key, found)
+                )
+            return env
         except FormatError:
             self.metrics.integrity_failures.inc()
             raise
@@ -397,34 +404,64 @@ class ObjectLayer(ObjectWrites):
         modified = http_time(stored.get("last-modified", ""))
         return self.policy.may_be_encrypted(bucket, key, modified, stored)
 
-    def _check_legacy(
-        self, bucket: str, key: str, stored_size: int, stored: Mapping[str, str]
+    async def _check_legacy(
+        self,
+        bucket: str,
+        key: str,
+        stored_size: int,
+        stored: Mapping[str, str],
+        query: tuple[tuple[str, str], ...] = (),
     ) -> bool:
         """May an object without an envelope be served as stored? True if it is legacy.
 
         Returns whether the policy expected this object encrypted (a legacy plaintext
-        object), raising when it must not be served: strict mode refuses legacy objects;
-        with sidecar envelopes an object on an encrypted path whose envelope is missing
-        cannot be told from a legacy plaintext object unless its size is one no v1 object
-        can have, so it is refused too - serving ciphertext as if it were plaintext would
-        be silent corruption.
+        object), raising when it must not be served: strict mode refuses legacy objects, and
+        on an encrypted path a body that may be v1 ciphertext is never served as plaintext,
+        whichever envelope store: its envelope went missing (a backend that dropped the
+        metadata, a sidecar lost or not yet written), and serving it as stored would be
+        silent corruption. With sidecar envelopes every size a v1 body can have is refused
+        (a sidecar can be written just after its object); with metadata envelopes the first
+        stored segment's header is looked at too (one small extra GET for such objects).
         """
         if not self._expected_encrypted(bucket, key, stored):
             return False
         if self.policy.strict:
             raise _strict_refusal()
-        if self.envelopes.kind == "sidecar":
-            try:
-                crypto.plaintext_size(stored_size)
-            except FormatError:
-                return True  # cannot be ours: stored as sent
-            raise S3Error(
-                "InternalError",
-                "no envelope was found for this object on an encrypted path; it is not "
-                "served (see envelope_store: sidecar)",
-                500,
-            )
+        try:
+            crypto.plaintext_size(stored_size)
+        except FormatError:
+            return True  # cannot be ours: stored as sent
+        if self.envelopes.kind == "sidecar" or crypto.looks_like_v1(
+            await self._first_bytes(bucket, key, stored, query), stored_size
+        ):
+            self.metrics.integrity_failures.inc()
+            raise missing_envelope()
         return True
+
+    async def _first_bytes(
+        self, bucket: str, key: str, stored: Mapping[str, str], query: tuple[tuple[str, str], ...]
+    ) -> bytes:
+        """The first stored segment header of the object version whose headers are ``stored``."""
+        hdrs = {"range": f"bytes=0-{crypto.HEADER_SIZE - 1}"}
+        if stored.get("etag"):
+            hdrs["if-match"] = stored["etag"]
+        resp = await self.backend.request("GET", bucket, key, query=query, headers=hdrs)
+        try:
+            if resp.status == 412:
+                raise S3Error(
+                    "InternalError", "the object changed while it was read; try again", 500
+                )
+            if resp.status not in (200, 206):
+                raise parse_error(resp.status, await resp.read())
+            first = b""
+            while len(first) < crypto.HEADER_SIZE:
+                chunk = await resp.content.read(crypto.HEADER_SIZE - len(first))
+                if not chunk:
+                    break
+                first += chunk
+            return first
+        finally:
+            resp.close()
 
     def plaintext_size(self, stored: int) -> int:
         try:
@@ -453,6 +490,15 @@ class ObjectLayer(ObjectWrites):
         elif "etag" in backend:
             out["etag"] = backend["etag"]
         return out
+
+
+def missing_envelope() -> S3Error:
+    return S3Error(
+        "InternalError",
+        "the envelope of this object is missing: its body is stored as cmek-proxy ciphertext "
+        "but no envelope was found (metadata stripped, or sidecar lost); it is not served",
+        500,
+    )
 
 
 def _strict_refusal() -> S3Error:

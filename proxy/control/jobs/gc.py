@@ -39,7 +39,7 @@ from proxy.control.jobs.common import (
 )
 from proxy.errors import CmekError
 from proxy.layer.envelopes import KEY_FIELD, SIDECAR_PREFIX, etag_core
-from proxy.layer.multipart import STATE_PREFIX
+from proxy.layer.uploads import STATE_PREFIX
 from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import child_text, local, parse_backend
 
