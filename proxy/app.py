@@ -22,7 +22,7 @@ from proxy.backend.client import BackendClient
 from proxy.config import Config
 from proxy.control.admin.api import AdminApi
 from proxy.control.admin.server import make_admin_app
-from proxy.control.audit import AuditLog
+from proxy.control.audit import AuditHeadCollector, AuditLog
 from proxy.control.jobs import JobContext
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
@@ -67,6 +67,8 @@ def build(
     clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
     audit_path = config.audit_path()
     audit = AuditLog(audit_path) if audit_path is not None else None
+    if audit is not None:
+        metrics.registry.register(AuditHeadCollector(audit))
     keys = KeyService(
         resolver(clients),
         metrics,

@@ -77,11 +77,17 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def _audit_verify(args: argparse.Namespace) -> None:
-    from proxy.control.audit import verify
+    from proxy.control.audit import Head, verify
 
-    res = verify(Path(args.file))
+    try:
+        expect = Head.parse(args.head) if args.head else None
+    except ValueError as exc:
+        raise CmekError(f"--head: {exc}") from None
+    res = verify(Path(args.file), expect)
     if res.ok:
-        print(f"audit log {args.file}: chain intact, {res.entries} entries")
+        head = Head.parse(args.head) if args.head else None
+        reaches = f", reaches the recorded head ({head.entries} entries)" if head else ""
+        print(f"audit log {args.file}: chain intact, {res.entries} entries{reaches}")
         return
     print(
         f"audit log {args.file}: chain broken at line {res.broken_line}: {res.reason} "
@@ -216,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="audit_command", required=True)
     av = asub.add_parser("verify", help="check the hash chain; report the first broken link")
     av.add_argument("file")
+    av.add_argument(
+        "--head",
+        metavar="COUNT:HASH",
+        help="a head recorded earlier (GET /v1/audit/head, cmek_audit_head_info): "
+        "also fail if the log no longer reaches it (entries cut off the end)",
+    )
     av.set_defaults(func=_audit_verify)
 
     ad = sub.add_parser("admin", help="call the admin API (token from --token/CMEK_ADMIN_TOKEN)")
