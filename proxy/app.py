@@ -36,6 +36,7 @@ from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.server import make_s3_app
 from proxy.wire.sigv4 import Credentials
+from proxy.wire.tls import ReloadingTls
 
 log = logging.getLogger(__name__)
 
@@ -173,24 +174,58 @@ class Running:
     s3_port: int
     admin_port: int
     runners: tuple[web.AppRunner, web.AppRunner]
+    tls: tuple[ReloadingTls | None, ReloadingTls | None] = (None, None)
+    """The S3 and admin listeners' TLS contexts (None: plain HTTP)."""
+    tasks: tuple[asyncio.Task[None], ...] = ()
 
     async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         for r in reversed(self.runners):
             await r.cleanup()
 
 
 async def start(config: Config, proxy: Proxy | None = None) -> Running:
     """Start both listeners; ports 0 pick free ports (reported back)."""
+    # certificate problems are configuration errors: found before anything starts
+    s3_tls = ReloadingTls(config.listen.tls, name="listen") if config.listen.tls else None
+    admin_tls = ReloadingTls(config.admin.tls, name="admin") if config.admin.tls else None
     proxy = proxy or build(config)
+    if s3_tls is None and config.listen.host not in _LOOPBACK:
+        log.warning(
+            "the S3 listener on %s speaks plain HTTP: decrypted objects cross the network "
+            "in the clear (configure listen.tls)",
+            config.listen.host,
+        )
     s3_runner = web.AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
     await admin_runner.setup()
-    s3_site = web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024)
+    s3_site = web.TCPSite(
+        s3_runner,
+        config.listen.host,
+        config.listen.port,
+        backlog=1024,
+        ssl_context=s3_tls.context if s3_tls else None,
+    )
     await s3_site.start()
-    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+    admin_site = web.TCPSite(
+        admin_runner,
+        config.admin.host,
+        config.admin.port,
+        ssl_context=admin_tls.context if admin_tls else None,
+    )
     await admin_site.start()
-    return Running(_port(s3_runner), _port(admin_runner), (s3_runner, admin_runner))
+    tasks = tuple(asyncio.create_task(t.run()) for t in (s3_tls, admin_tls) if t is not None)
+    return Running(
+        _port(s3_runner), _port(admin_runner), (s3_runner, admin_runner), (s3_tls, admin_tls), tasks
+    )
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _port(runner: web.AppRunner) -> int:

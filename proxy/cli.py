@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _dev(args: argparse.Namespace) -> None:
     from proxy.devmode import run_dev
 
-    _run(run_dev(Path(args.data_dir), args.port, args.admin_port))
+    _run(run_dev(Path(args.data_dir), args.port, args.admin_port, args.tls))
 
 
 def _job(args: argparse.Namespace) -> None:
@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080, help="S3 port (default 8080)")
     d.add_argument("--admin-port", type=int, default=0, help="admin port (default: free port)")
     d.add_argument("--data-dir", default=".cmek-dev", help="state directory (default .cmek-dev)")
+    d.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve https with a self-signed certificate (AWS_CA_BUNDLE in dev.env)",
+    )
     d.set_defaults(func=_dev)
 
     j = sub.add_parser("job", help="run a key lifecycle job from the configuration")
