@@ -23,7 +23,7 @@ from proxy.config import Config
 from proxy.control.admin.api import AdminApi
 from proxy.control.admin.server import make_admin_app
 from proxy.control.audit import AuditHeadCollector, AuditLog
-from proxy.control.jobs import JobContext
+from proxy.control.jobs import JOBS, JobContext
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
 from proxy.kms.base import KmsClient
@@ -32,6 +32,7 @@ from proxy.kms.registry import make_kms_clients, resolver
 from proxy.layer.envelopes import EnvelopeStore, make_store
 from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
+from proxy.s3.accesslog import AccessLogSettings
 from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.server import make_s3_app
@@ -81,7 +82,7 @@ def build(
         keys.register(uri)
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
-    backend = BackendClient(config.backend, session)
+    backend = BackendClient(config.backend, session, metrics)
     envelopes = make_store(config.backend.envelope_store, backend, config.kms.cache_ttl)
     objects = ObjectLayer(backend, keys, policy, metrics, envelopes)
     creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
@@ -92,7 +93,12 @@ def build(
         virtual_host_domain=config.virtual_host_domain,
     )
     handlers = S3Handlers(objects, backend, auth)
-    s3_app = make_s3_app(handlers, metrics, virtual_host_domain=config.virtual_host_domain)
+    s3_app = make_s3_app(
+        handlers,
+        metrics,
+        virtual_host_domain=config.virtual_host_domain,
+        access_log=AccessLogSettings(config.logging.access_log, config.logging.include_names),
+    )
     admin_app = make_admin_app(metrics, keys)
     s3_app[KEYS] = keys
     s3_app[METRICS] = metrics
@@ -142,6 +148,7 @@ def build(
     if config.admin.token is not None and audit is not None:
         api = AdminApi(config.admin.token, specs, keys, audit, jobs)
         api.register(admin_app)
+    _state_metrics(metrics, keys, specs if config.specs.control_bucket else None, api)
 
     async def spec_store(_: web.Application) -> AsyncIterator[None]:
         await specs.refresh()
@@ -157,6 +164,65 @@ def build(
 
     s3_app.cleanup_ctx.append(spec_store)
     return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
+
+
+_BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def _state_metrics(
+    metrics: Metrics, keys: KeyService, specs: SpecStore | None, api: AdminApi | None
+) -> None:
+    """Gauges read at each scrape from the components that own the state."""
+    metrics.gauge_callback(
+        "cmek_kms_breaker_state",
+        "1 for each key's current circuit-breaker state (open: calls fail fast).",
+        ["key", "state"],
+        lambda: {
+            (uri, s): 1.0 if s == state else 0.0
+            for uri, state in keys.breaker_states().items()
+            for s in _BREAKER_STATES
+        },
+    )
+    if specs is not None:
+        metrics.gauge_callback(
+            "cmek_spec_poll_age_seconds",
+            "Seconds since this replica last read the spec store (since start if never).",
+            [],
+            lambda: {(): specs.poll_age()},
+        )
+    if api is None:
+        return
+
+    def running() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = dict.fromkeys(((k,) for k in JOBS), 0.0)
+        for prog in api.running_jobs():
+            out[(prog.kind,)] += 1
+        return out
+
+    def objects() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for prog in api.running_jobs():
+            for outcome, n in prog.outcomes.items():
+                if ":" not in outcome:  # error:<Exception> details stay in the operation
+                    out[(prog.kind, outcome)] = out.get((prog.kind, outcome), 0.0) + n
+        return out
+
+    def bytes_read() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for prog in api.running_jobs():
+            out[(prog.kind,)] = out.get((prog.kind,), 0.0) + prog.bytes
+        return out
+
+    metrics.gauge_callback("cmek_jobs_running", "Jobs running in this replica.", ["job"], running)
+    metrics.gauge_callback(
+        "cmek_job_objects",
+        "Objects the running jobs have handled so far, by outcome.",
+        ["job", "outcome"],
+        objects,
+    )
+    metrics.gauge_callback(
+        "cmek_job_bytes", "Bytes the running jobs have read so far.", ["job"], bytes_read
+    )
 
 
 def _location_for(config: Config, uri: str) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import CmekError
+from proxy.logs import FORMATS
+from proxy.logs import configure as configure_logging
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -25,6 +26,8 @@ def _serve(args: argparse.Namespace) -> None:
     from proxy.devmode import wait_for_signal
 
     config = load_config(Path(args.config))
+    if args.log_format is None:  # the flag wins over logging.format
+        configure_logging(config.logging.format, args.log_level)
 
     async def main() -> None:
         running = await start(config)
@@ -194,6 +197,11 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmek-proxy", description=__doc__)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="text or json (one object per line); default: the config's logging.format, or text",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run in front of an S3-compatible backend")
     s.add_argument("--config", required=True, help="YAML configuration file")
@@ -274,9 +282,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format or "text", args.log_level)
     try:
         args.func(args)
     except CmekError as exc:

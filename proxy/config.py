@@ -178,6 +178,15 @@ class Specs(_Model):
     replicas take to see a change."""
 
 
+class Logging(_Model):
+    format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (``--log-format`` overrides)."""
+    access_log: bool = True
+    """One line per S3 request: request id, operation, status, bytes, durations."""
+    include_names: bool = False
+    """Also put bucket and object key in access lines (names can be personal data)."""
+
+
 class Audit(_Model):
     path: Path | None = None
     """Hash-chained JSON-lines audit log; default ``<data_dir>/audit.jsonl``."""
@@ -199,6 +208,7 @@ class Config(_Model):
     """Where the audit log and other local state live."""
     specs: Specs = Field(default_factory=Specs)
     audit: Audit = Field(default_factory=Audit)
+    logging: Logging = Field(default_factory=Logging)
 
     @model_validator(mode="after")
     def _audit_for_admin(self) -> Config:

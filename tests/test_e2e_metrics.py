@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 OPS = {"generate_data_key": "datakey/plaintext", "wrap": "encrypt", "unwrap": "decrypt"}
 OUTCOMES = ("ok", "denied", "unreachable", "error")
 LABEL_NAMES = {"provider", "operation", "outcome", "kind", "reason", "key", "status", "rule", "le"}
+LABEL_NAMES |= {"state", "job", "hash", "version", "python"}  # breakers, jobs, audit, build
+LABEL_NAMES |= {"implementation", "major", "minor", "patchlevel"}  # python_info
 COUNT = "cmek_kms_request_duration_seconds_count"
 
 
@@ -246,3 +248,31 @@ def test_kubernetes_example_parses_and_config_is_valid() -> None:
     assert config.key_uris() == [values[overrides["CMEK_PROXY__ENCRYPTION__DEFAULT__KEY"]]]
     assert config.backend.secret_key == values[overrides["CMEK_PROXY__BACKEND__SECRET_KEY"]]
     assert "secret_key" not in cfg_text  # secrets stay out of the ConfigMap
+
+
+def test_kms_retries_and_breaker_state_are_exported(
+    openbao: OpenBaoServer, vault_front: ErrorFront, moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """A KMS 503 that a retry gets past is counted as a retry; the breaker stays closed."""
+    name = uniq("retry")
+    token = openbao.create_key(name)
+    uri = vault_uri(vault_front.host, name)
+    config = e2e_config(moto_server.endpoint_url, uri, tmp_path)
+    with ProxyThread(config, kms_clients=vault_clients(token)) as p:
+        startup = {"generate_data_key": 1, "wrap": 1, "unwrap": 2}
+        wait_for(lambda: _front_calls(vault_front, name) == startup, 10, "start-up calls")
+        retries = "cmek_kms_retries_total"
+        assert (
+            sample(scrape(p), retries, provider="vault-transit", operation="generate_data_key") == 0
+        )
+        vault_front.inject_json(
+            f"/v1/transit/datakey/plaintext/{name}", 503, {"errors": ["injected"]}, times=1
+        )
+        c = no_retry_client(p)
+        bucket = uniq("retry-bucket-")
+        c.create_bucket(Bucket=bucket)
+        c.put_object(Bucket=bucket, Key="k", Body=b"retried once")
+        s = scrape(p)
+        assert sample(s, retries, provider="vault-transit", operation="generate_data_key") == 1
+        assert sample(s, "cmek_kms_breaker_state", key=uri, state="closed") == 1
+        assert sample(s, "cmek_kms_breaker_state", key=uri, state="open") == 0

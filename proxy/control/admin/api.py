@@ -147,6 +147,14 @@ class AdminApi:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
+    def running_jobs(self) -> list[JobProgress]:
+        """Progress of the jobs this replica is running (for the job metrics)."""
+        return [
+            op.progress
+            for op in self._operations.values()
+            if op.progress is not None and not op.done
+        ]
+
     def _auth(self, handler: Handler) -> Handler:
         expected = self.token.encode()
 
