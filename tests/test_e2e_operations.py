@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -192,6 +194,15 @@ def test_in_flight_counts_a_request_being_served(ops_proxy: ProxyThread) -> None
         wait_until(lambda: value(samples(ops_proxy), flight) == 1, 30, "one request in flight")
         assert len(resp.content) == 48 * MiB
     wait_until(lambda: value(samples(ops_proxy), flight) == 0, 30, "no request in flight")
+    # a client that goes away mid-body does not leave the gauge up
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(
+            f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: value(samples(ops_proxy), flight) == 1, 30, "one request in flight")
+    wait_until(lambda: value(samples(ops_proxy), flight) == 0, 30, "abandoned request ended")
 
 
 def test_passthrough_writes_count_only_stored_objects(ops_proxy: ProxyThread) -> None:
