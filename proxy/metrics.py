@@ -177,12 +177,12 @@ class Metrics:
         )
         self.s3_bytes_in = Counter(
             "cmek_s3_bytes_in_total",
-            "Body bytes received from S3 clients.",
+            "Request body bytes received from S3 clients (as sent: aws-chunked framing included).",
             registry=r,
         )
         self.s3_bytes_out = Counter(
             "cmek_s3_bytes_out_total",
-            "Body bytes sent to S3 clients.",
+            "Body bytes of GET answers sent to S3 clients in full.",
             registry=r,
         )
         self.integrity_failures = Counter(

@@ -346,3 +346,21 @@ def test_the_metric_name_check_can_fail() -> None:
         "x_bucket",
         "y",
     }
+
+
+def test_bytes_in_counts_what_arrived_not_what_was_declared(ops_proxy: ProxyThread) -> None:
+    """A PUT refused before its body is read did not deliver its declared 8 MiB."""
+    name = "cmek_s3_bytes_in_total"
+    c = ops_proxy.client()
+    c.create_bucket(Bucket="ops-bytes")
+    before = value(samples(ops_proxy), name)
+    body = b"z" * (8 * MiB)
+    try:
+        r = requests.put(ops_proxy.endpoint + "/ops-bytes/refused", data=body, timeout=60)
+        assert r.status_code == 403
+    except requests.exceptions.ConnectionError:
+        pass  # the proxy answered and closed while the client was still sending
+    # counted when the handler ends, before the answer goes out
+    assert value(samples(ops_proxy), name) - before < len(body)
+    c.put_object(Bucket="ops-bytes", Key="counted", Body=body)
+    assert value(samples(ops_proxy), name) - before >= len(body)

@@ -124,11 +124,13 @@ class RequestObserver:
         seconds = time.perf_counter() - self._started
         try:
             self._metrics.s3_in_flight.dec()
-            bytes_in = self.request.content_length or 0
+            # what really arrived (aws-chunked framing included), not what was declared: a
+            # request refused before its body was read did not send it all
+            bytes_in = self.request.content.total_bytes
             if bytes_in:
                 self._metrics.s3_bytes_in.inc(bytes_in)
-            if self.bytes_out and self.request.method == "GET":
-                self._metrics.s3_bytes_out.inc(self.bytes_out)
+            if self.bytes_out and self.request.method == "GET" and exc_type is None:
+                self._metrics.s3_bytes_out.inc(self.bytes_out)  # a GET that was sent in full
             self._metrics.observe_s3(self.operation, self.status, seconds)
             ctx = self._ctx
             assert ctx is not None
