@@ -31,9 +31,11 @@ def _serve(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         running = await start(config)
+        s3 = "https" if config.listen.tls else "http"
+        admin = "https" if config.admin.tls else "http"
         print(
-            f"cmek-proxy: S3 on {config.listen.host}:{running.s3_port}, "
-            f"admin on {config.admin.host}:{running.admin_port}",
+            f"cmek-proxy: S3 on {s3}://{config.listen.host}:{running.s3_port}, "
+            f"admin on {admin}://{config.admin.host}:{running.admin_port}",
             flush=True,
         )
         try:

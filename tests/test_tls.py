@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -292,3 +293,24 @@ def test_dev_mode_with_tls(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode(errors="replace")
     assert f"https://127.0.0.1:{port}" in out.decode()
+
+
+def test_plain_http_beyond_loopback_is_warned_about(
+    moto: Server, keyfile: Path, server_cert: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = server_cert
+    plain = proxy_config(moto.url, keyfile, listen={"host": "0.0.0.0", "port": 0})
+    with caplog.at_level(logging.WARNING, logger="proxy.app"), ProxyThread(plain):
+        pass
+    assert any("decrypted objects cross the network" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    tls = proxy_config(
+        moto.url, keyfile, listen={"host": "0.0.0.0", "port": 0, "tls": _tls(cert, key)}
+    )
+    loopback = proxy_config(moto.url, keyfile)
+    with caplog.at_level(logging.WARNING, logger="proxy.app"):
+        with ProxyThread(tls):
+            pass
+        with ProxyThread(loopback):
+            pass
+    assert not any("cross the network" in r.getMessage() for r in caplog.records)
