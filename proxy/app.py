@@ -22,8 +22,8 @@ from proxy.backend.client import BackendClient
 from proxy.config import Config
 from proxy.control.admin.api import AdminApi
 from proxy.control.admin.server import make_admin_app
-from proxy.control.audit import AuditLog
-from proxy.control.jobs import JobContext
+from proxy.control.audit import AuditHeadCollector, AuditLog
+from proxy.control.jobs import JOBS, JobContext
 from proxy.control.jobs.gc import GcRunner
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
@@ -33,10 +33,12 @@ from proxy.kms.registry import make_kms_clients, resolver
 from proxy.layer.envelopes import EnvelopeStore, make_store
 from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
+from proxy.s3.accesslog import AccessLogSettings
 from proxy.s3.auth import Authenticator
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.server import S3AppRunner, make_s3_app
 from proxy.wire.sigv4 import Credentials
+from proxy.wire.tls import ReloadingTls
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def build(
     clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
     audit_path = config.audit_path()
     audit = AuditLog(audit_path) if audit_path is not None else None
+    if audit is not None:
+        metrics.registry.register(AuditHeadCollector(audit))
     keys = KeyService(
         resolver(clients),
         metrics,
@@ -79,7 +83,7 @@ def build(
         keys.register(uri)
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
-    backend = BackendClient(config.backend, session)
+    backend = BackendClient(config.backend, session, metrics)
     envelopes = make_store(config.backend.envelope_store, backend, config.kms.cache_ttl)
     objects = ObjectLayer(backend, keys, policy, metrics, envelopes)
     creds = {c.access_key: Credentials(c.access_key, c.secret_key) for c in config.clients}
@@ -90,7 +94,12 @@ def build(
         virtual_host_domain=config.virtual_host_domain,
     )
     handlers = S3Handlers(objects, backend, auth)
-    s3_app = make_s3_app(handlers, metrics, virtual_host_domain=config.virtual_host_domain)
+    s3_app = make_s3_app(
+        handlers,
+        metrics,
+        virtual_host_domain=config.virtual_host_domain,
+        access_log=AccessLogSettings(config.logging.access_log, config.logging.include_names),
+    )
     admin_app = make_admin_app(metrics, keys)
     s3_app[KEYS] = keys
     s3_app[METRICS] = metrics
@@ -140,6 +149,7 @@ def build(
     if config.admin.token is not None and audit is not None:
         api = AdminApi(config.admin.token, specs, keys, audit, jobs, gc_min_age=config.gc.min_age)
         api.register(admin_app)
+    _state_metrics(metrics, keys, specs if config.specs.control_bucket else None, api)
 
     async def spec_store(_: web.Application) -> AsyncIterator[None]:
         await specs.refresh()
@@ -163,6 +173,65 @@ def build(
     return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
 
 
+_BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def _state_metrics(
+    metrics: Metrics, keys: KeyService, specs: SpecStore | None, api: AdminApi | None
+) -> None:
+    """Gauges read at each scrape from the components that own the state."""
+    metrics.gauge_callback(
+        "cmek_kms_breaker_state",
+        "1 for each key's current circuit-breaker state (open: calls fail fast).",
+        ["key", "state"],
+        lambda: {
+            (uri, s): 1.0 if s == state else 0.0
+            for uri, state in keys.breaker_states().items()
+            for s in _BREAKER_STATES
+        },
+    )
+    if specs is not None:
+        metrics.gauge_callback(
+            "cmek_spec_poll_age_seconds",
+            "Seconds since this replica last read the spec store (since start if never).",
+            [],
+            lambda: {(): specs.poll_age()},
+        )
+    if api is None:
+        return
+
+    def running() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = dict.fromkeys(((k,) for k in JOBS), 0.0)
+        for prog in api.running_jobs():
+            out[(prog.kind,)] += 1
+        return out
+
+    def objects() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for prog in api.running_jobs():
+            for outcome, n in prog.outcomes.items():
+                if ":" not in outcome:  # error:<Exception> details stay in the operation
+                    out[(prog.kind, outcome)] = out.get((prog.kind, outcome), 0.0) + n
+        return out
+
+    def bytes_read() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for prog in api.running_jobs():
+            out[(prog.kind,)] = out.get((prog.kind,), 0.0) + prog.bytes
+        return out
+
+    metrics.gauge_callback("cmek_jobs_running", "Jobs running in this replica.", ["job"], running)
+    metrics.gauge_callback(
+        "cmek_job_objects",
+        "Objects the running jobs have handled so far, by outcome.",
+        ["job", "outcome"],
+        objects,
+    )
+    metrics.gauge_callback(
+        "cmek_job_bytes", "Bytes the running jobs have read so far.", ["job"], bytes_read
+    )
+
+
 def _location_for(config: Config, uri: str) -> str | None:
     for rule in config.encryption.buckets.values():
         if rule.key == uri and rule.location:
@@ -178,24 +247,58 @@ class Running:
     s3_port: int
     admin_port: int
     runners: tuple[web.AppRunner, web.AppRunner]
+    tls: tuple[ReloadingTls | None, ReloadingTls | None] = (None, None)
+    """The S3 and admin listeners' TLS contexts (None: plain HTTP)."""
+    tasks: tuple[asyncio.Task[None], ...] = ()
 
     async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         for r in reversed(self.runners):
             await r.cleanup()
 
 
 async def start(config: Config, proxy: Proxy | None = None) -> Running:
     """Start both listeners; ports 0 pick free ports (reported back)."""
+    # certificate problems are configuration errors: found before anything starts
+    s3_tls = ReloadingTls(config.listen.tls, name="listen") if config.listen.tls else None
+    admin_tls = ReloadingTls(config.admin.tls, name="admin") if config.admin.tls else None
     proxy = proxy or build(config)
+    if s3_tls is None and config.listen.host not in _LOOPBACK:
+        log.warning(
+            "the S3 listener on %s speaks plain HTTP: decrypted objects cross the network "
+            "in the clear (configure listen.tls)",
+            config.listen.host,
+        )
     s3_runner = S3AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
     await admin_runner.setup()
-    s3_site = web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024)
+    s3_site = web.TCPSite(
+        s3_runner,
+        config.listen.host,
+        config.listen.port,
+        backlog=1024,
+        ssl_context=s3_tls.context if s3_tls else None,
+    )
     await s3_site.start()
-    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+    admin_site = web.TCPSite(
+        admin_runner,
+        config.admin.host,
+        config.admin.port,
+        ssl_context=admin_tls.context if admin_tls else None,
+    )
     await admin_site.start()
-    return Running(_port(s3_runner), _port(admin_runner), (s3_runner, admin_runner))
+    tasks = tuple(asyncio.create_task(t.run()) for t in (s3_tls, admin_tls) if t is not None)
+    return Running(
+        _port(s3_runner), _port(admin_runner), (s3_runner, admin_runner), (s3_tls, admin_tls), tasks
+    )
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _port(runner: web.AppRunner) -> int:

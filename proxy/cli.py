@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import CmekError
+from proxy.logs import FORMATS
+from proxy.logs import configure as configure_logging
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -25,12 +26,16 @@ def _serve(args: argparse.Namespace) -> None:
     from proxy.devmode import wait_for_signal
 
     config = load_config(Path(args.config))
+    if args.log_format is None:  # the flag wins over logging.format
+        configure_logging(config.logging.format, args.log_level)
 
     async def main() -> None:
         running = await start(config)
+        s3 = "https" if config.listen.tls else "http"
+        admin = "https" if config.admin.tls else "http"
         print(
-            f"cmek-proxy: S3 on {config.listen.host}:{running.s3_port}, "
-            f"admin on {config.admin.host}:{running.admin_port}",
+            f"cmek-proxy: S3 on {s3}://{config.listen.host}:{running.s3_port}, "
+            f"admin on {admin}://{config.admin.host}:{running.admin_port}",
             flush=True,
         )
         try:
@@ -44,7 +49,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _dev(args: argparse.Namespace) -> None:
     from proxy.devmode import run_dev
 
-    _run(run_dev(Path(args.data_dir), args.port, args.admin_port))
+    _run(run_dev(Path(args.data_dir), args.port, args.admin_port, args.tls))
 
 
 def _job(args: argparse.Namespace) -> None:
@@ -79,11 +84,17 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def _audit_verify(args: argparse.Namespace) -> None:
-    from proxy.control.audit import verify
+    from proxy.control.audit import Head, verify
 
-    res = verify(Path(args.file))
+    try:
+        expect = Head.parse(args.head) if args.head else None
+    except ValueError as exc:
+        raise CmekError(f"--head: {exc}") from None
+    res = verify(Path(args.file), expect)
     if res.ok:
-        print(f"audit log {args.file}: chain intact, {res.entries} entries")
+        head = Head.parse(args.head) if args.head else None
+        reaches = f", reaches the recorded head ({head.entries} entries)" if head else ""
+        print(f"audit log {args.file}: chain intact, {res.entries} entries{reaches}")
         return
     print(
         f"audit log {args.file}: chain broken at line {res.broken_line}: {res.reason} "
@@ -194,6 +205,11 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmek-proxy", description=__doc__)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="text or json (one object per line); default: the config's logging.format, or text",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run in front of an S3-compatible backend")
     s.add_argument("--config", required=True, help="YAML configuration file")
@@ -202,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080, help="S3 port (default 8080)")
     d.add_argument("--admin-port", type=int, default=0, help="admin port (default: free port)")
     d.add_argument("--data-dir", default=".cmek-dev", help="state directory (default .cmek-dev)")
+    d.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve https with a self-signed certificate (AWS_CA_BUNDLE in dev.env)",
+    )
     d.set_defaults(func=_dev)
 
     j = sub.add_parser("job", help="run a key lifecycle job from the configuration")
@@ -223,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="audit_command", required=True)
     av = asub.add_parser("verify", help="check the hash chain; report the first broken link")
     av.add_argument("file")
+    av.add_argument(
+        "--head",
+        metavar="COUNT:HASH",
+        help="a head recorded earlier (GET /v1/audit/head, cmek_audit_head_info): "
+        "also fail if the log no longer reaches it (entries cut off the end)",
+    )
     av.set_defaults(func=_audit_verify)
 
     ad = sub.add_parser("admin", help="call the admin API (token from --token/CMEK_ADMIN_TOKEN)")
@@ -268,9 +295,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format or "text", args.log_level)
     try:
         args.func(args)
     except CmekError as exc:

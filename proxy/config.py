@@ -29,9 +29,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Tls(_Model):
+    """TLS on a listener. Without it the listener speaks plain HTTP, and the S3 listener
+    then sends decrypted objects over the network in the clear."""
+
+    cert_file: Path
+    """PEM certificate chain (server certificate first)."""
+    key_file: Path
+    """PEM private key of the certificate."""
+    reload_interval: float = Field(default=30.0, gt=0)
+    """Seconds between checks of the two files; changed files are loaded for new
+    connections without a restart (a pair that does not load keeps the old one)."""
+    client_ca_file: Path | None = None
+    """Admin listener only: CAs whose client certificates are accepted (read at start)."""
+    require_client_cert: bool = False
+    """Admin listener only: refuse connections without a client certificate."""
+
+    @model_validator(mode="after")
+    def _ca(self) -> Tls:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+
 class Listen(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tls: Tls | None = None
+
+    @field_validator("tls")
+    @classmethod
+    def _no_client_certs(cls, v: Tls | None) -> Tls | None:
+        if v is not None and v.client_ca_file is not None:
+            raise ValueError("client certificates are for the admin listener (S3 uses SigV4)")
+        return v
 
 
 class Admin(_Model):
@@ -39,6 +70,7 @@ class Admin(_Model):
     port: int = Field(default=8081, ge=0, le=65535)
     token: str | None = None
     """Bearer token for the admin API (health and metrics need none)."""
+    tls: Tls | None = None
 
 
 class ClientKey(_Model):
@@ -159,6 +191,15 @@ class Gc(_Model):
     its own."""
 
 
+class Logging(_Model):
+    format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (``--log-format`` overrides)."""
+    access_log: bool = True
+    """One line per S3 request: request id, operation, status, bytes, durations."""
+    include_names: bool = False
+    """Also put bucket and object key in access lines (names can be personal data)."""
+
+
 class Audit(_Model):
     path: Path | None = None
     """Hash-chained JSON-lines audit log; default ``<data_dir>/audit.jsonl``."""
@@ -181,6 +222,7 @@ class Config(_Model):
     specs: Specs = Field(default_factory=Specs)
     audit: Audit = Field(default_factory=Audit)
     gc: Gc = Field(default_factory=Gc)
+    logging: Logging = Field(default_factory=Logging)
 
     @model_validator(mode="after")
     def _audit_for_admin(self) -> Config:

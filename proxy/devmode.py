@@ -29,6 +29,7 @@ import aiohttp
 from proxy.config import Config, parse_config
 from proxy.errors import ConfigError
 from proxy.kms.local import create_key_file
+from proxy.wire.tls import write_self_signed
 
 DEV_REGION = "us-east-1"
 
@@ -125,16 +126,30 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait(timeout)
 
 
+def dev_tls(data_dir: Path) -> dict[str, str]:
+    """The dev listeners' TLS settings; a self-signed certificate is made on first use."""
+    cert, key = (data_dir / "tls-cert.pem").resolve(), (data_dir / "tls-key.pem").resolve()
+    if not (cert.exists() and key.exists()):
+        write_self_signed(cert, key)
+    return {"cert_file": str(cert), "key_file": str(key)}
+
+
 def dev_config(
-    data_dir: Path, s: DevSecrets, backend_port: int, port: int, admin_port: int
+    data_dir: Path,
+    s: DevSecrets,
+    backend_port: int,
+    port: int,
+    admin_port: int,
+    tls: bool = False,
 ) -> Config:
     keyfile = (data_dir / "keys.json").resolve()
     if not keyfile.exists():
         create_key_file(keyfile)
+    tls_cfg = {"tls": dev_tls(data_dir)} if tls else {}
     return parse_config(
         {
-            "listen": {"host": "127.0.0.1", "port": port},
-            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "listen": {"host": "127.0.0.1", "port": port, **tls_cfg},
+            "admin": {"host": "127.0.0.1", "port": admin_port, **tls_cfg},
             "region": DEV_REGION,
             "clients": [{"access_key": s.client_access_key, "secret_key": s.client_secret_key}],
             "backend": {
@@ -153,20 +168,23 @@ def dev_config(
     )
 
 
-def write_env(data_dir: Path, s: DevSecrets, port: int, admin_port: int) -> Path:
+def write_env(data_dir: Path, s: DevSecrets, port: int, admin_port: int, tls: bool = False) -> Path:
     env = data_dir / "dev.env"
+    scheme = "https" if tls else "http"
+    ca = f"AWS_CA_BUNDLE={(data_dir / 'tls-cert.pem').resolve()}\n" if tls else ""
     _write_private(
         env,
-        f"AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n"
+        f"AWS_ENDPOINT_URL={scheme}://127.0.0.1:{port}\n"
         f"AWS_ACCESS_KEY_ID={s.client_access_key}\n"
         f"AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
         f"AWS_DEFAULT_REGION={DEV_REGION}\n"
-        f"CMEK_ADMIN_URL=http://127.0.0.1:{admin_port}\n",
+        f"{ca}"
+        f"CMEK_ADMIN_URL={scheme}://127.0.0.1:{admin_port}\n",
     )
     return env
 
 
-async def run_dev(data_dir: Path, port: int, admin_port: int) -> None:
+async def run_dev(data_dir: Path, port: int, admin_port: int, tls: bool = False) -> None:
     from proxy.app import start
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,13 +194,14 @@ async def run_dev(data_dir: Path, port: int, admin_port: int) -> None:
     rclone = start_rclone(data_dir, backend_port, s)
     try:
         await wait_http(f"http://127.0.0.1:{backend_port}/", rclone)
-        config = dev_config(data_dir, s, backend_port, port, admin_port)
+        config = dev_config(data_dir, s, backend_port, port, admin_port, tls)
         running = await start(config)
         try:
-            env = write_env(data_dir, s, running.s3_port, running.admin_port)
+            env = write_env(data_dir, s, running.s3_port, running.admin_port, tls)
+            scheme = "https" if tls else "http"
             print(
-                f"cmek-proxy dev: S3 endpoint http://127.0.0.1:{running.s3_port}\n"
-                f"  admin (metrics, health): http://127.0.0.1:{running.admin_port}\n"
+                f"cmek-proxy dev: S3 endpoint {scheme}://127.0.0.1:{running.s3_port}\n"
+                f"  admin (metrics, health): {scheme}://127.0.0.1:{running.admin_port}\n"
                 f"  AWS_ACCESS_KEY_ID={s.client_access_key}\n"
                 f"  AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
                 f"  AWS_DEFAULT_REGION={DEV_REGION}\n"

@@ -8,6 +8,8 @@ codes, configured rule names.  Object keys and bucket names are never labels.
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import (
@@ -16,8 +18,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import proxy
 
 KMS_OPERATIONS: Final = ("generate_data_key", "wrap", "unwrap")
 KMS_OUTCOMES: Final = ("ok", "denied", "unreachable", "error")
@@ -60,12 +68,69 @@ S3_BUCKETS: Final = (
 )
 
 
+Read = Callable[[], Mapping[tuple[str, ...], float]]
+
+
+class CallbackGauge(Collector):
+    """A gauge whose samples are read from the owner of the state at each scrape
+    (breaker states, spec-poll age, running jobs): nothing to keep in step."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], read: Read) -> None:
+        self.name = name
+        self._doc = documentation
+        self._labels = list(labels)
+        self._read = read
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily(self.name, self._doc, labels=self._labels)
+        for values, value in sorted(self._read().items()):
+            family.add_metric(list(values), value)
+        return [family]
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self._doc, labels=self._labels)]
+
+
 class Metrics:
     """All collectors of one proxy instance, in a registry of their own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_...
+        PlatformCollector(registry=r)  # python_info
+        self.build_info = Gauge(
+            "cmek_build_info",
+            "Always 1; the labels name the running cmek-proxy and Python versions.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(proxy.__version__, platform.python_version()).set(1)
+        self.s3_in_flight = Gauge(
+            "cmek_s3_requests_in_flight",
+            "S3 requests being served now.",
+            registry=r,
+        )
+        self.backend_request_duration = Histogram(
+            "cmek_backend_request_duration_seconds",
+            "Requests to the backend, until its response headers (status 'unreachable': no "
+            "answer).",
+            ["operation", "status"],
+            buckets=S3_BUCKETS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "cmek_backend_errors_total",
+            "Backend requests that failed: unreachable (no answer) or server_error (5xx).",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.kms_retries = Counter(
+            "cmek_kms_retries_total",
+            "KMS calls retried by the providers (throttling, timeouts, 5xx; never denials).",
+            ["provider", "operation"],
+            registry=r,
+        )
         self.kms_request_duration = Histogram(
             "cmek_kms_request_duration_seconds",
             "Duration of calls to the customer's KMS.",
@@ -112,12 +177,12 @@ class Metrics:
         )
         self.s3_bytes_in = Counter(
             "cmek_s3_bytes_in_total",
-            "Body bytes received from S3 clients.",
+            "Request body bytes received from S3 clients (as sent: aws-chunked framing included).",
             registry=r,
         )
         self.s3_bytes_out = Counter(
             "cmek_s3_bytes_out_total",
-            "Body bytes sent to S3 clients.",
+            "Body bytes of GET answers sent to S3 clients in full.",
             registry=r,
         )
         self.integrity_failures = Counter(
@@ -133,10 +198,24 @@ class Metrics:
         )
         self.passthrough_writes = Counter(
             "cmek_passthrough_writes_total",
-            "Objects written unencrypted because a passthrough rule matched.",
+            "Objects stored unencrypted because a passthrough rule matched (successful writes).",
             ["rule"],
             registry=r,
         )
+
+    def gauge_callback(
+        self, name: str, documentation: str, labels: Sequence[str], read: Read
+    ) -> None:
+        """Register a gauge read from ``read()`` (label values -> value) at each scrape."""
+        self.registry.register(CallbackGauge(name, documentation, labels, read))
+
+    def observe_backend(self, operation: str, status: str, seconds: float) -> None:
+        """Record one request to the backend (``status``: the HTTP status or 'unreachable')."""
+        self.backend_request_duration.labels(operation, status).observe(seconds)
+        if status == "unreachable":
+            self.backend_errors.labels(operation, "unreachable").inc()
+        elif status.startswith("5"):
+            self.backend_errors.labels(operation, "server_error").inc()
 
     def observe_kms(self, provider: str, operation: str, outcome: str, seconds: float) -> None:
         """Record one KMS call."""

@@ -250,12 +250,14 @@ class ProxyThread:
     @property
     def endpoint(self) -> str:
         assert self.running is not None
-        return f"http://127.0.0.1:{self.running.s3_port}"
+        scheme = "https" if self.config.listen.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.running.s3_port}"
 
     @property
     def admin(self) -> str:
         assert self.running is not None
-        return f"http://127.0.0.1:{self.running.admin_port}"
+        scheme = "https" if self.config.admin.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.running.admin_port}"
 
     def client(self, **cfg: Any) -> Any:
         return s3_client(self.endpoint, CLIENT_AK, CLIENT_SK, **cfg)

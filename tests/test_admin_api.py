@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from proxy.cli import main
-from proxy.control.audit import verify
+from proxy.control.audit import Head, line_hash, verify
 from tests.servers import ProxyThread, Server, new_keyfile, proxy_config, wait_until
 
 TOKEN = "admin-test-token-0123456789"
@@ -210,3 +210,29 @@ def test_cli_admin_and_a_job_through_the_api(
     with pytest.raises(SystemExit):
         main(["admin", "--url", a.admin, "--token", "wrong", "list"])
     assert json.loads(capsys.readouterr().out)["error"]["status"] == "UNAUTHENTICATED"
+
+
+def test_audit_head_in_the_api_and_the_metrics_detects_a_cut(
+    backend: Server, keyfile: Path, tmp_path: Path
+) -> None:
+    """A monitor that records the head (API or scrape) finds entries cut off the end."""
+    with ProxyThread(admin_config(backend, keyfile, tmp_path)) as p:
+        body = {"encryption_spec": {"passthrough": True, "prefix": "head/"}}
+        r = call(p, "POST", "/v1/buckets/head-bucket/encryptionSpec:initialize", body)
+        assert r.status_code == 200
+        wait_op(p, r.json()["name"])
+        assert call(p, "GET", "/v1/audit/head", token=None).status_code == 401
+        head = call(p, "GET", "/v1/audit/head").json()
+        audit = tmp_path / "audit.jsonl"
+        lines = audit.read_bytes().splitlines(keepends=True)
+        assert head["entries"] == len(lines) >= 2
+        assert head["last_hash"] == line_hash(lines[-1][:-1])
+        scraped = requests.get(p.admin + "/metrics", timeout=10).text
+        assert f"cmek_audit_entries {float(len(lines))}" in scraped
+        assert f'cmek_audit_head_info{{hash="{head["last_hash"]}"}} 1.0' in scraped
+        audit.write_bytes(b"".join(lines[:-1]))
+        scraped = requests.get(p.admin + "/metrics", timeout=10).text
+        assert f"cmek_audit_entries {float(len(lines) - 1)}" in scraped
+        assert call(p, "GET", "/v1/audit/head").json()["entries"] == len(lines) - 1
+    assert verify(audit).ok
+    assert not verify(audit, Head(head["entries"], head["last_hash"])).ok

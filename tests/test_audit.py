@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.control.audit import GENESIS, AuditLog, line_hash, verify
+from proxy.control.audit import GENESIS, AuditLog, Head, line_hash, self_hash, verify
 from proxy.kms.keys import KeyEvent
 
 
@@ -39,7 +39,7 @@ def test_tampering_is_found_at_the_first_broken_link(tmp_path: Path, how: str) -
     lines = path.read_bytes().splitlines(keepends=True)
     if how == "edit":
         lines[2] = lines[2].replace(b'"b1"', b'"bX"')
-        expected = 4  # line 3 still parses; line 4's prev no longer matches it
+        expected = 3  # the edited line itself, not the line after it
     elif how == "delete":
         del lines[2]
         expected = 3
@@ -68,3 +68,65 @@ def test_appends_continue_the_chain_across_instances(tmp_path: Path) -> None:
     path = _log(tmp_path, 3)
     AuditLog(path).append("job.finished", job="verify")
     assert verify(path).ok and verify(path).entries == 4
+
+
+def test_an_edit_that_rehashes_its_line_is_named_too(tmp_path: Path) -> None:
+    """An editor who recomputes the edited line's own hash is still caught, at that line."""
+    path = _log(tmp_path, 6)
+    lines = path.read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[2])
+    entry["bucket"] = "bX"
+    entry["hash"] = self_hash(entry)
+    lines[2] = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    res = verify(path)
+    assert (res.ok, res.broken_line, res.entries) == (False, 3, 2)
+    assert "line 3 was edited" in res.reason
+
+
+def test_lines_without_their_own_hash_still_verify(tmp_path: Path) -> None:
+    """Logs written before lines carried ``hash`` keep verifying, and an edit is named."""
+    path = _log(tmp_path, 4)
+    old = []
+    prev = GENESIS
+    for raw in path.read_bytes().splitlines():
+        entry = {k: v for k, v in json.loads(raw).items() if k != "hash"}
+        entry["prev"] = prev
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+        prev = line_hash(line)
+        old.append(line + b"\n")
+    path.write_bytes(b"".join(old))
+    assert verify(path).ok
+    old[1] = old[1].replace(b'"b0"', b'"bX"')
+    path.write_bytes(b"".join(old))
+    assert verify(path).broken_line == 2
+
+
+def test_truncation_is_found_against_a_recorded_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _log(tmp_path, 6)
+    log = AuditLog(path)
+    head = log.head()
+    assert head == Head(6, line_hash(path.read_bytes().splitlines()[-1]))
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:4]))  # cut two entries off the end
+    assert verify(path).ok  # the file alone cannot tell
+    res = verify(path, head)
+    assert (res.ok, res.broken_line) == (False, 5)
+    assert "truncated" in res.reason
+    assert log.head().entries == 4
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "verify", str(path), "--head", f"{head.entries}:{head.last_hash}"])
+    assert exc.value.code == 1
+    assert "truncated" in capsys.readouterr().err
+    # appending more after the recorded head is fine; rewriting the tail is not
+    path.write_bytes(b"".join(lines))
+    log.append("job.finished", job="verify")
+    assert verify(path, head).ok
+    main(["audit", "verify", str(path), "--head", f"{head.entries}:{head.last_hash}"])
+    assert "reaches the recorded head" in capsys.readouterr().out
+    path.write_bytes(b"".join(lines[:5]))
+    log.append("job.finished", job="forged")
+    res = verify(path, head)
+    assert (res.ok, res.broken_line) == (False, 6)

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from botocore.exceptions import ClientError
 
 from proxy.config import parse_config
 from tests import kms_servers
 from tests.kms_servers import ErrorFront, MotoServer, OpenBaoServer
-from tests.servers import ProxyThread
+from tests.servers import BACKEND_AK, BACKEND_SK, ProxyThread, proxy_config, s3_client
 from tests.test_e2e_kms import (
     data,
     e2e_config,
@@ -39,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 OPS = {"generate_data_key": "datakey/plaintext", "wrap": "encrypt", "unwrap": "decrypt"}
 OUTCOMES = ("ok", "denied", "unreachable", "error")
 LABEL_NAMES = {"provider", "operation", "outcome", "kind", "reason", "key", "status", "rule", "le"}
+LABEL_NAMES |= {"state", "job", "hash", "version", "python"}  # breakers, jobs, audit, build
+LABEL_NAMES |= {"implementation", "major", "minor", "patchlevel"}  # python_info
 COUNT = "cmek_kms_request_duration_seconds_count"
 
 
@@ -246,3 +249,86 @@ def test_kubernetes_example_parses_and_config_is_valid() -> None:
     assert config.key_uris() == [values[overrides["CMEK_PROXY__ENCRYPTION__DEFAULT__KEY"]]]
     assert config.backend.secret_key == values[overrides["CMEK_PROXY__BACKEND__SECRET_KEY"]]
     assert "secret_key" not in cfg_text  # secrets stay out of the ConfigMap
+
+
+def test_kms_retries_and_breaker_state_are_exported(
+    openbao: OpenBaoServer, vault_front: ErrorFront, moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """A KMS 503 that a retry gets past is counted as a retry; the breaker stays closed."""
+    name = uniq("retry")
+    token = openbao.create_key(name)
+    uri = vault_uri(vault_front.host, name)
+    config = e2e_config(moto_server.endpoint_url, uri, tmp_path)
+    with ProxyThread(config, kms_clients=vault_clients(token)) as p:
+        startup = {"generate_data_key": 1, "wrap": 1, "unwrap": 2}
+        wait_for(lambda: _front_calls(vault_front, name) == startup, 10, "start-up calls")
+        retries = "cmek_kms_retries_total"
+        assert (
+            sample(scrape(p), retries, provider="vault-transit", operation="generate_data_key") == 0
+        )
+        vault_front.inject_json(
+            f"/v1/transit/datakey/plaintext/{name}", 503, {"errors": ["injected"]}, times=1
+        )
+        c = no_retry_client(p)
+        bucket = uniq("retry-bucket-")
+        c.create_bucket(Bucket=bucket)
+        c.put_object(Bucket=bucket, Key="k", Body=b"retried once")
+        s = scrape(p)
+        assert sample(s, retries, provider="vault-transit", operation="generate_data_key") == 1
+        assert sample(s, "cmek_kms_breaker_state", key=uri, state="closed") == 1
+        assert sample(s, "cmek_kms_breaker_state", key=uri, state="open") == 0
+
+
+def test_job_progress_is_exported_while_a_job_runs(
+    openbao: OpenBaoServer, vault_front: ErrorFront, moto_server: MotoServer, tmp_path: Path
+) -> None:
+    """A verify job started through the admin API shows in cmek_jobs_running and
+    cmek_job_objects while it runs (held on its KMS unwrap), and leaves them when done."""
+    name = uniq("jobm")
+    token = openbao.create_key(name)
+    uri = vault_uri(vault_front.host, name)
+    bucket = uniq("job-metrics-")
+    admin_token = "job-metrics-admin-token-0123"
+    config = proxy_config(
+        moto_server.endpoint_url,
+        tmp_path / "unused-keyfile.json",
+        encryption={"default": {"key": uri}},
+        kms={"probe_interval": 3600},
+        admin={"host": "127.0.0.1", "port": 0, "token": admin_token},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
+    with ProxyThread(config, kms_clients=vault_clients(token)) as writer:
+        c = no_retry_client(writer)
+        c.create_bucket(Bucket=bucket)
+        c.put_object(Bucket=bucket, Key="b-encrypted", Body=b"e" * 1000)
+        decrypt = f"/v1/transit/decrypt/{name}"
+        wait_for(lambda: vault_front.calls[decrypt] == 2, 10, "writer's start-up calls")
+    direct = s3_client(moto_server.endpoint_url, BACKEND_AK, BACKEND_SK)
+    direct.put_object(Bucket=bucket, Key="a-legacy", Body=b"p" * 10)  # listed first
+    with ProxyThread(config, kms_clients=vault_clients(token)) as p:
+        # a fresh proxy: its start-up calls done, its read cache empty
+        wait_for(lambda: vault_front.calls[decrypt] == 4, 10, "start-up calls")
+        vault_front.inject_hang(decrypt, 3.0)
+        headers = {"Authorization": f"Bearer {admin_token}"}
+        body = {"job": "verify", "concurrency": 1}
+        op = requests.post(
+            f"{p.admin}/v1/buckets/{bucket}/jobs", json=body, headers=headers, timeout=10
+        ).json()["name"]
+        wait_for(
+            lambda: (
+                sample(scrape(p), "cmek_jobs_running", job="verify") == 1
+                and sample(scrape(p), "cmek_job_objects", job="verify", outcome="plaintext-legacy")
+                == 1
+            ),
+            10,
+            "the running job in the metrics",
+        )
+
+        def done() -> bool:
+            got = requests.get(f"{p.admin}/v1/{op}", headers=headers, timeout=10).json()
+            return bool(got.get("done"))
+
+        wait_for(done, 30, "job done")
+        s = scrape(p)
+        assert sample(s, "cmek_jobs_running", job="verify") == 0
+        assert ("cmek_job_objects", frozenset({("job", "verify"), ("outcome", "ok")})) not in s

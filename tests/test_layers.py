@@ -2,7 +2,7 @@
 
 Rooms, bottom to top (docs/ARCHITECTURE.md draws them):
 
-    base     proxy.errors, proxy.config, proxy.metrics
+    base     proxy.errors, proxy.config, proxy.metrics, proxy.reqctx
     1        proxy.crypto (pure format)      proxy.wire (S3 wire protocol)
     2        proxy.kms (providers, key service)   proxy.backend (backend client)
     3        proxy.layer (the encryption layer)
@@ -27,9 +27,11 @@ GROUPS = {
     "errors": "base",
     "config": "base",
     "metrics": "base",
+    "reqctx": "base",
     "app": "top",
     "cli": "top",
     "devmode": "top",
+    "logs": "top",
     "__main__": "top",
 }
 """Root modules that form one room together."""

@@ -4,12 +4,15 @@ It signs every request with ``proxy.wire.sigv4`` (the same canonicalisation the
 front end verifies with), never buffers bodies (request bodies are async
 iterables with a known Content-Length; response bodies are read by the caller),
 and maps transport failures to ``BackendUnavailable``.  It knows nothing of
-encryption.
+encryption.  Each request is timed until its response headers: by S3 operation in
+``cmek_backend_request_duration_seconds`` and in the current request's backend time
+(``proxy.reqctx``) that the access log reports.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import AsyncIterable, Mapping, Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -17,8 +20,11 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from proxy import reqctx
 from proxy.config import Backend as BackendConfig
 from proxy.errors import FormatError, S3Error
+from proxy.metrics import Metrics
+from proxy.wire.operations import operation_name
 from proxy.wire.sigv4 import Credentials, SigningKeyCache, sign_headers
 from proxy.wire.xmldoc import child_text, parse_backend
 
@@ -85,9 +91,15 @@ def parse_error(status: int, body: bytes) -> S3Error:
 class BackendClient:
     """Signed, streaming requests to one S3-compatible endpoint."""
 
-    def __init__(self, cfg: BackendConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        cfg: BackendConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.cfg = cfg
         self.session = session
+        self.metrics = metrics
         self._creds = Credentials(cfg.access_key, cfg.secret_key)
         self._base = URL(cfg.endpoint)
         self._key_cache = SigningKeyCache(16)
@@ -171,12 +183,28 @@ class BackendClient:
                 key_cache=self._key_cache,
             )
         )
+        started = time.perf_counter()
+        status = "unreachable"
         try:
-            return await self.session.request(
+            resp = await self.session.request(
                 method, URL(url, encoded=True), headers=hdrs, data=body, allow_redirects=False
             )
+            status = str(resp.status)
+            return resp
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise BackendUnavailable(f"backend unreachable: {type(exc).__name__}") from exc
+        finally:
+            took = time.perf_counter() - started
+            reqctx.add_backend(took)
+            if self.metrics is not None:
+                op = operation_name(
+                    method,
+                    bucket=bool(bucket),
+                    key=key is not None,
+                    query={k for k, _ in query},
+                    headers=hdrs,
+                )
+                self.metrics.observe_backend(op, status, took)
 
     async def call(
         self,

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -138,9 +139,15 @@ class SpecStore:
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     policy: Policy = field(init=False)
+    read_at: float = field(default_factory=time.monotonic)
+    """When the store was last read successfully (monotonic; the start until then)."""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.config.encryption)
+
+    def poll_age(self) -> float:
+        """Seconds since the store was last read: how stale this replica's specs may be."""
+        return time.monotonic() - self.read_at
 
     @property
     def control_bucket(self) -> str | None:
@@ -172,6 +179,7 @@ class SpecStore:
         async with self._lock:
             listed = await self._list(bucket, SPEC_PREFIX)
             if listed is None:
+                self.read_at = time.monotonic()  # the store's bucket does not exist yet
                 return False
             fresh: dict[str, _Entry] = {}
             known = {e.etag: (n, e) for n, e in self._entries.items()}
@@ -194,6 +202,7 @@ class SpecStore:
             }
             if changed:
                 self._install(fresh)
+            self.read_at = time.monotonic()
             return changed
 
     def _install(self, entries: dict[str, _Entry]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from proxy.errors import KmsUnreachableError
+from proxy.reqctx import note_retry
 
 DATA_KEY_BYTES = 32
 
@@ -134,6 +135,7 @@ async def with_retries(
         except KmsUnreachableError as exc:
             last = exc
         if attempt + 1 < policy.attempts:
+            note_retry()  # counted by MeteredKek as cmek_kms_retries_total
             await asyncio.sleep(policy.delay(attempt))
     assert last is not None
     raise last

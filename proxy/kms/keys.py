@@ -301,6 +301,10 @@ class KeyService:
                 1.0 if health.state == "available" else 0.0
             )
 
+    def breaker_states(self) -> dict[str, str]:
+        """Each resolved key's circuit breaker: closed, open or half_open."""
+        return {uri: kek.breaker.state.value for uri, kek in self._keks.items()}
+
     def status(self) -> dict[str, KeyStatus]:
         """Availability of every configured key."""
         out: dict[str, KeyStatus] = {}

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from proxy import reqctx
 from proxy.errors import KeyUnavailableError, KmsUnreachableError
 from proxy.kms.base import Context, DataKey, Kek, WrappedKey
 from proxy.metrics import Metrics
@@ -53,6 +54,16 @@ class MeteredKek:
         return self._inner.location
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        with reqctx.count_retries() as retries:
+            try:
+                return await self._timed_once(operation, call)
+            finally:
+                if retries.count:
+                    self._metrics.kms_retries.labels(self._inner.provider, operation).inc(
+                        retries.count
+                    )
+
+    async def _timed_once(self, operation: str, call: Awaitable[T]) -> T:
         start = self._clock()
         outcome: str | None = "error"  # any KmsError other than the two below, or a bug
         try:
@@ -70,10 +81,10 @@ class MeteredKek:
             outcome = "ok"
             return result
         finally:
+            took = self._clock() - start
+            reqctx.add_kms(took)
             if outcome is not None:
-                self._metrics.observe_kms(
-                    self._inner.provider, operation, outcome, self._clock() - start
-                )
+                self._metrics.observe_kms(self._inner.provider, operation, outcome, took)
 
     async def generate_data_key(self, context: Context) -> DataKey:
         return await self._timed("generate_data_key", self._inner.generate_data_key(context))

@@ -88,9 +88,10 @@ class ObjectWrites:
                     backend_etag(headers[name]) if name == "if-match" else headers[name]
                 )
         if not decision.encrypt:
-            self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
             res = await self.send_put(bucket, key, out_headers, body, length, encrypted=False)
             await self._replaced(bucket, key, None, res)
+            # counted once stored: a PUT the backend refused (NoSuchBucket) wrote nothing
+            self.metrics.passthrough_writes.labels(rule=decision.rule).inc()
             res.headers[RULE_HEADER] = decision.rule
             return res
         assert decision.key_uri is not None

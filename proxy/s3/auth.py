@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from proxy import reqctx
 from proxy.errors import S3Error
 from proxy.wire import checksums
 from proxy.wire.chunked import AwsChunkedDecoder
@@ -70,20 +71,27 @@ class Authenticator:
             raw_query=request.rel_url.raw_query_string,
             headers=request.headers,
         )
-        if is_presigned_v2(view):  # boto3's default presigned URLs: SigV2 query auth
-            return VerifiedRequest(
-                verify_presigned_v2(
+        ctx = reqctx.current()
+        try:
+            if is_presigned_v2(view):  # boto3's default presigned URLs: SigV2 query auth
+                auth = verify_presigned_v2(
                     view, self._lookup, now=self._clock(), bucket_from_host=self._bucket(request)
                 )
-            )
-        auth = verify_request(
-            view,
-            self._lookup,
-            now=self._clock(),
-            max_skew=self._max_skew,
-            region=self._region,
-            key_cache=self._keys,
-        )
+            else:
+                auth = verify_request(
+                    view,
+                    self._lookup,
+                    now=self._clock(),
+                    max_skew=self._max_skew,
+                    region=self._region,
+                    key_cache=self._keys,
+                )
+        except S3Error:
+            if ctx is not None:
+                ctx.auth_failed = True  # the access log names the key id and the reason
+            raise
+        if ctx is not None:
+            ctx.access_key = auth.access_key
         return VerifiedRequest(auth)
 
     def _bucket(self, request: web.Request) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,30 +19,12 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import CmekError, S3Error
 from proxy.metrics import Metrics
+from proxy.s3.accesslog import AccessLogSettings, RequestObserver
 from proxy.s3.errors import error_response, new_request_id, to_s3_error
 from proxy.s3.handlers import S3Handlers
 from proxy.s3.routing import Target, route
 
 log = logging.getLogger(__name__)
-
-
-def operation_name(method: str, target: Target) -> str:
-    """A bounded label for metrics: never bucket or key names."""
-    if target.bucket is None:
-        return "ListBuckets" if method == "GET" else "Service" + method.title()
-    if target.key is None:
-        if method == "GET":
-            return "ListObjects" if not target.query or target.has("list-type") else "BucketGet"
-        return {"PUT": "CreateBucket", "DELETE": "DeleteBucket", "HEAD": "HeadBucket"}.get(
-            method, "Bucket" + method.title()
-        )
-    return {
-        "GET": "GetObject",
-        "HEAD": "HeadObject",
-        "PUT": "PutObject",
-        "DELETE": "DeleteObject",
-        "POST": "ObjectPost",
-    }.get(method, "Object" + method.title())
 
 
 MAX_HEADER_SECTION = 8192
@@ -167,37 +148,40 @@ async def s3_errors_middleware(
 
 
 def make_s3_app(
-    handlers: S3Handlers, metrics: Metrics, *, virtual_host_domain: str | None
+    handlers: S3Handlers,
+    metrics: Metrics,
+    *,
+    virtual_host_domain: str | None,
+    access_log: AccessLogSettings | None = None,
 ) -> web.Application:
+    settings = access_log or AccessLogSettings()
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        request_id = new_request_id()
-        op = "Unknown"
-        resource = request.path
-        status = 500
-        try:
-            target = route(request, virtual_host_domain)
-            op = operation_name(request.method, target)
-            check_request_limits(request, target)
-            resource = target.resource
-            resp = await handlers.dispatch(request, target)
-            status = resp.status
-            resp.headers["x-amz-request-id"] = request_id
-            if request.content_length:
-                metrics.s3_bytes_in.inc(request.content_length)
-            if resp.content_length and request.method == "GET":
-                metrics.s3_bytes_out.inc(resp.content_length)
-            return resp
-        except CmekError as exc:
-            err = to_s3_error(exc)
-            status = err.status
-            if err.status >= 500:
-                log.warning("%s %s -> %s (%s)", request.method, op, err.code, type(exc).__name__)
-            return error_response(
-                err, resource=resource, request_id=request_id, head=request.method == "HEAD"
-            )
-        finally:
-            metrics.observe_s3(op, status, time.perf_counter() - started)
+        with RequestObserver(request, new_request_id(), metrics, settings) as obs:
+            resource = request.path
+            try:
+                target = route(request, virtual_host_domain)
+                obs.routed(target)
+                check_request_limits(request, target)
+                resource = target.resource
+                resp = await handlers.dispatch(request, target)
+                obs.answered(resp)
+                resp.headers["x-amz-request-id"] = obs.request_id
+                return resp
+            except CmekError as exc:
+                err = to_s3_error(exc)
+                obs.failed(err)
+                if err.status >= 500:
+                    log.warning(
+                        "%s %s -> %s (%s)",
+                        request.method,
+                        obs.operation,
+                        err.code,
+                        type(exc).__name__,
+                    )
+                return error_response(
+                    err, resource=resource, request_id=obs.request_id, head=request.method == "HEAD"
+                )
 
     app = web.Application(client_max_size=0, middlewares=[s3_errors_middleware])
     # [\s\S]: a decoded path may hold any character, line breaks included

@@ -14,6 +14,7 @@ Shaped after the Google Agent Assist CMEK API, for buckets instead of locations
 ``GET /v1/operations/{id}``  GetOperation (``done``, ``error`` or ``response``, ``metadata``)
 ``GET /v1/buckets/{bucket}/encryptionSpec[?prefix=P]``  GetEncryptionSpec
 ``GET /v1/encryptionSpecs``  ListEncryptionSpecs (config and API specs, with their source)
+``GET /v1/audit/head``  the audit chain's head ``{"entries", "last_hash"}``
 ``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing`` /
     ``gc``; body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?, "sample"?,
     "target_key"?, "limit"? (gc), "min_age"? (gc)}``;
@@ -139,6 +140,7 @@ class AdminApi:
         r.add_get("/v1/operations/{id}", self._auth(self.get_operation))
         r.add_get("/v1/operations", self._auth(self.list_operations))
         r.add_post("/v1/buckets/{bucket}/jobs", self._auth(self.start_job))
+        r.add_get("/v1/audit/head", self._auth(self.audit_head))
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -146,6 +148,14 @@ class AdminApi:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+    def running_jobs(self) -> list[JobProgress]:
+        """Progress of the jobs this replica is running (for the job metrics)."""
+        return [
+            op.progress
+            for op in self._operations.values()
+            if op.progress is not None and not op.done
+        ]
 
     def _auth(self, handler: Handler) -> Handler:
         expected = self.token.encode()
@@ -346,6 +356,10 @@ class AdminApi:
         return web.json_response(
             {"operations": [op.to_json() for op in reversed(self._operations.values())]}
         )
+
+    async def audit_head(self, _: web.Request) -> web.Response:
+        """The audit chain's head: record it, and ``audit verify --head`` detects a cut."""
+        return web.json_response({"path": str(self.audit.path), **self.audit.head().to_json()})
 
     # ------------------------------------------------------------------ jobs
 
