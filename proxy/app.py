@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from proxy.control.audit import AuditLog
 from proxy.control.jobs import JobContext
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
+from proxy.errors import CmekError
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
@@ -184,11 +186,34 @@ async def start(config: Config, proxy: Proxy | None = None) -> Running:
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
     await admin_runner.setup()
-    s3_site = web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024)
-    await s3_site.start()
-    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
-    await admin_site.start()
+    running = Running(0, 0, (s3_runner, admin_runner))
+    try:
+        await _listen(
+            web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024), "S3"
+        )
+        await _listen(web.TCPSite(admin_runner, config.admin.host, config.admin.port), "admin")
+    except ListenError:
+        await running.close()
+        raise
     return Running(_port(s3_runner), _port(admin_runner), (s3_runner, admin_runner))
+
+
+class ListenError(CmekError):
+    """A listener could not bind its address (in use, not permitted, no such address)."""
+
+
+async def _listen(site: web.TCPSite, what: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        hint = (
+            " (another process listens there; choose another port)"
+            if exc.errno in (errno.EADDRINUSE,)
+            else ""
+        )
+        raise ListenError(
+            f"cannot listen for {what} on {site.name}: {exc.strerror or exc}{hint}"
+        ) from None
 
 
 def _port(runner: web.AppRunner) -> int:

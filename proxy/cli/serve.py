@@ -1,0 +1,60 @@
+"""``cmek-proxy serve`` (production) and ``cmek-proxy dev`` (everything on one machine)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from proxy.cli import run_async
+
+
+def add_parsers(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run in front of an S3-compatible backend",
+        description="Run the proxy in front of an S3-compatible backend. Every configured "
+        "key is validated (a wrap/unwrap round trip) before the listeners open.",
+    )
+    s.add_argument("--config", required=True, help="YAML configuration file")
+    s.set_defaults(func=serve)
+
+    d = sub.add_parser(
+        "dev",
+        help="run the whole product on one machine: local key, disk backend, admin API",
+        description="Run an encrypting S3 endpoint on a local disk backend (rclone serve s3) "
+        "with a local key file and the admin API; writes the client environment, the admin "
+        "token and a config file for jobs to the data directory.",
+    )
+    d.add_argument("--port", type=int, default=8080, help="S3 port (default 8080)")
+    d.add_argument("--admin-port", type=int, default=8081, help="admin port (default 8081)")
+    d.add_argument("--data-dir", default=".cmek-dev", help="state directory (default .cmek-dev)")
+    d.set_defaults(func=dev)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from proxy.app import start
+    from proxy.config import load_config
+    from proxy.devmode import wait_for_signal
+
+    config = load_config(Path(args.config))
+
+    async def main() -> None:
+        running = await start(config)
+        print(
+            f"cmek-proxy: S3 on {config.listen.host}:{running.s3_port}, "
+            f"admin on {config.admin.host}:{running.admin_port}",
+            flush=True,
+        )
+        try:
+            await wait_for_signal()
+        finally:
+            await running.close()
+
+    run_async(main())
+
+
+def dev(args: argparse.Namespace) -> None:
+    from proxy.devmode import run_dev
+
+    run_async(run_dev(Path(args.data_dir), args.port, args.admin_port))
