@@ -22,7 +22,6 @@ and behaves like the service where cmek-proxy depends on it:
 from __future__ import annotations
 
 import datetime
-
 import os
 import struct
 import threading
