@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import run_async
+from proxy.cli import Failed, run_async
 
 
 def add_parsers(sub: Any) -> None:
@@ -30,6 +30,17 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--admin-port", type=int, default=8081, help="admin port (default 8081)")
     d.add_argument("--data-dir", default=".cmek-dev", help="state directory (default .cmek-dev)")
     d.set_defaults(func=dev)
+
+    h = sub.add_parser(
+        "health",
+        help="exit 0 if the proxy of this configuration answers /healthz (container checks)",
+        description="Ask the admin listener named by the configuration (after environment "
+        "overrides) for /healthz; exit status 0 when it answers 200, 1 otherwise. Used by "
+        "the container image's HEALTHCHECK.",
+    )
+    h.add_argument("--config", required=True, help="YAML configuration file")
+    h.add_argument("--timeout", type=float, default=2.0, help="seconds to wait (default 2)")
+    h.set_defaults(func=health)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -58,3 +69,28 @@ def dev(args: argparse.Namespace) -> None:
     from proxy.devmode import run_dev
 
     run_async(run_dev(Path(args.data_dir), args.port, args.admin_port))
+
+
+def health(args: argparse.Namespace) -> None:
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from proxy.config import load_config
+
+    config = load_config(Path(args.config))
+    host = config.admin.host
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: ask on loopback
+        host = "127.0.0.1"
+    url = f"http://{host}:{config.admin.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except OSError as exc:
+        problem = str(getattr(exc, "reason", exc))
+    print(f"cmek-proxy: {url}: {problem}", file=sys.stderr)
+    raise Failed
