@@ -190,3 +190,24 @@ def test_the_values_schema_refuses_secrets_and_nonsense(values: dict[str, Any], 
     with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmValuesError) as exc:
         chart.validate_schema(values)
     assert where in str(exc.value)
+
+
+EXAMPLES = sorted((CHART.parent.parent / "kubernetes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_the_plain_kubernetes_examples_are_valid(path: Path) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        for version in VERSIONS:
+            kv.validate(doc, version, strict=True)
+
+
+def test_the_plain_example_is_a_native_sidecar_too() -> None:
+    (doc,) = yaml.safe_load_all(
+        (CHART.parent.parent / "kubernetes" / "deployment.yaml").read_text()
+    )
+    spec = doc["spec"]["template"]["spec"]
+    (proxy,) = spec["initContainers"]
+    assert proxy["name"] == "cmek-proxy" and proxy["restartPolicy"] == "Always"
+    assert "startupProbe" in proxy
+    assert [c["name"] for c in spec["containers"]] == ["app"]
