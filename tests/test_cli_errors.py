@@ -247,3 +247,14 @@ def test_help_has_no_restructured_text_and_every_option_has_help() -> None:
     for code in (EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_KEY, EXIT_RUNTIME):
         assert f"\n  {code} " in epilog
 
+
+
+def test_serve_against_an_unreachable_backend(tmp_path: Path, closed_port: int) -> None:
+    """With a control bucket the specs are read before listening: the start stops, naming
+    the backend and the network's reason."""
+    keyfile = new_keyfile(tmp_path / "k.json")
+    url = f"http://127.0.0.1:{closed_port}"
+    cfg = proxy_config(url, keyfile, specs={"control_bucket": "ctl"})
+    code, _, err = cli("serve", "--config", str(write_config(cfg, tmp_path / "c.yaml")))
+    assert code == EXIT_RUNTIME
+    assert_message(err, f"backend {url} unreachable: Cannot connect to host")

@@ -68,6 +68,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def network_reason(exc: CmekError) -> str:
+    """The network's own words for a backend failure (S3 clients get a shorter message)."""
+    cause = exc.__cause__
+    return str(cause) if cause is not None and str(cause) else getattr(exc, "message", str(exc))
+
+
+def backend_problem(endpoint: str, exc: CmekError) -> CmekError:
+    """A backend failure, said with the endpoint and the network's reason."""
+    return CmekError(f"backend {endpoint} unreachable: {network_reason(exc)}")
+
+
 def run_async(coro: Coroutine[Any, Any, None]) -> None:
     """Run under uvloop when it is installed (extra "fast"), unless CMEK_PROXY_LOOP=asyncio.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import Failed, run_async
+from proxy.cli import Failed, network_reason, run_async
 from proxy.config import Config
 from proxy.errors import CmekError, KmsError
 from proxy.kms.base import KmsClient
@@ -97,8 +97,8 @@ async def diagnose(
     uris = list(config.key_uris())
     try:
         backend = BackendClient(config.backend, session)
-        await _check_backend(report, config, backend)
-        if config.specs.control_bucket:
+        backend_ok = await _check_backend(report, config, backend)
+        if backend_ok and config.specs.control_bucket:
             specs = SpecStore(config, backend, on_policy=lambda _p: None)
             try:
                 await specs.refresh()
@@ -124,9 +124,12 @@ async def diagnose(
     return report
 
 
-async def _check_backend(report: Report, config: Config, backend: Any) -> None:
+async def _check_backend(report: Report, config: Config, backend: Any) -> bool:
+    """ListBuckets with the configured credentials, then the control bucket; False: the
+    backend cannot be used (later checks that need it are skipped)."""
     from xml.etree.ElementTree import ParseError
 
+    from proxy.backend.client import BackendUnavailable
     from proxy.wire.xmldoc import parse_backend
 
     where = f"backend {config.backend.endpoint}"
@@ -134,16 +137,19 @@ async def _check_backend(report: Report, config: Config, backend: Any) -> None:
         _, body = await backend.call("GET")
         names = [el.text for el in parse_backend(body).iter() if el.tag.endswith("Name")]
         report.add(where, True, f"reachable, credentials accepted ({len(names)} buckets listed)")
+    except BackendUnavailable as exc:
+        report.add(where, False, f"unreachable: {network_reason(exc)}")
+        return False
     except CmekError as exc:
         code = getattr(exc, "code", "")
         if code == "AccessDenied":
             report.add(where, True, "reachable, credentials accepted (ListBuckets not allowed)")
         else:
             report.add(where, False, str(exc))
-            return
+            return False
     except ParseError as exc:
         report.add(where, False, f"answered something that is not S3 XML: {exc}")
-        return
+        return False
     control = config.specs.control_bucket
     if control:
         resp, _ = await backend.call("HEAD", control, ok=(200, 403, 404))
@@ -156,6 +162,7 @@ async def _check_backend(report: Report, config: Config, backend: Any) -> None:
                 f"HTTP {resp.status} (created on the first spec change if the credentials "
                 "may create buckets)",
             )
+    return True
 
 
 async def _check_key(

@@ -1,6 +1,6 @@
 """``cmek-proxy job rewrap|encrypt-existing|verify``: run a key lifecycle job from the config.
 
-Ctrl-C stops the job: the partial summary is printed, the audit log records
+Ctrl-C (or SIGTERM) stops the job: the partial summary is printed, the audit log records
 ``job.interrupted``, and the exit status is 130. Running the same command again resumes
 (objects already done are skipped). ``--json`` prints the summary as JSON and nothing else.
 """
@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from proxy.cli import EXIT_INTERRUPTED, Failed, fraction, positive_int, run_async
-from proxy.errors import CmekError
+from proxy.cli import EXIT_INTERRUPTED, Failed, backend_problem, fraction, positive_int, run_async
 
 JOB_HELP: Final = {
     "rewrap": "move objects to another key (only the sealed keys change)",
@@ -126,7 +125,8 @@ def run_job_command(args: argparse.Namespace) -> None:
         nonlocal interrupted
         loop = asyncio.get_running_loop()
         task = asyncio.create_task(run_standalone(config, args.job, opts, progress=prog))
-        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
         try:
             await task
         except asyncio.CancelledError:
@@ -134,12 +134,13 @@ def run_job_command(args: argparse.Namespace) -> None:
                 raise
             interrupted = True
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
     try:
         run_async(main())
     except BackendUnavailable as exc:
-        raise CmekError(f"backend {config.backend.endpoint}: {exc.message}") from None
+        raise backend_problem(config.backend.endpoint, exc) from None
     if args.json:
         print(json.dumps({**prog.to_json(), "interrupted": interrupted}, indent=2, sort_keys=True))
     else:

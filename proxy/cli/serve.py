@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import Failed, run_async
+from proxy.cli import Failed, backend_problem, run_async
 
 
 def add_parsers(sub: Any) -> None:
@@ -45,13 +45,17 @@ def add_parsers(sub: Any) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     from proxy.app import start
+    from proxy.backend.client import BackendUnavailable
     from proxy.config import load_config
     from proxy.devmode import wait_for_signal
 
     config = load_config(Path(args.config))
 
     async def main() -> None:
-        running = await start(config)
+        try:
+            running = await start(config)
+        except BackendUnavailable as exc:  # reading the API specs before listening
+            raise backend_problem(config.backend.endpoint, exc) from None
         print(
             f"cmek-proxy: S3 on {config.listen.host}:{running.s3_port}, "
             f"admin on {config.admin.host}:{running.admin_port}",
