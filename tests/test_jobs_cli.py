@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import yaml
 
 from proxy.cli import EXIT_INTERRUPTED
 from proxy.config import Config
-from proxy.control.jobs.progress import human_bytes
+from proxy.control.jobs.progress import Bar, human_bytes
 from tests.servers import (
     BACKEND_AK,
     BACKEND_SK,
@@ -78,6 +79,20 @@ def test_human_bytes() -> None:
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(5 * 1024**3) == "5.0 GiB"
     assert human_bytes(3 * 1024**6) == "3072.0 PiB"
+
+
+def test_bar_never_shows_more_than_the_total() -> None:
+    """The counting listing and the job's listing race; objects may come and go between."""
+    out = io.StringIO()
+    bar = Bar("verify", out)
+    bar.update(100, 0)  # done before the counter saw anything
+    bar.listed(1000)
+    bar.update(2000, 1)
+    bar.counted()  # the counter saw fewer objects than the job is doing
+    bar.update(3000, 1)
+    bar.close()
+    final = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in final and "3/3 objects" in final and "1 errors" in final, final
 
 
 def test_progress_bar_shows_total_percentage_and_human_bytes(

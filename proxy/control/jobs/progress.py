@@ -46,13 +46,12 @@ class Bar:
         """The counting listing found one more object of ``size`` stored bytes."""
         self._listed += 1
         self._listed_bytes += size
-        if self._listed > self._bar.n:
-            self._bar.total = self._listed
+        self._bar.total = max(self._listed, self._bar.n)
 
     def counted(self) -> None:
         """The counting listing is complete: the total is exact."""
         self._counted = True
-        self._bar.total = self._listed
+        self._bar.total = max(self._listed, self._bar.n)
         self._bar.refresh()
 
     def update(self, done_bytes: int, errors: int) -> None:
@@ -62,6 +61,9 @@ class Bar:
         if errors:
             post += f", {errors} errors"
         self._bar.set_postfix_str(post, refresh=False)
+        if self._bar.total is not None and self._bar.n + 1 > self._bar.total:
+            # the bucket changed between the two listings: never show more than 100%
+            self._bar.total = self._bar.n + 1
         self._bar.update(1)
 
     def close(self) -> None:
