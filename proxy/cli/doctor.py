@@ -108,7 +108,7 @@ async def diagnose(
         keys = KeyService(resolver(clients), Metrics(), ttl=config.kms.cache_ttl)
         identities: dict[str, str] = {}
         for uri in sorted(set(uris)):
-            await _check_key(report, config, keys, clients, uri, identities)
+            await _check_key(report, config, keys, clients, uri, identities, uris)
         kms = config.kms
         report.add(
             "cache",
@@ -172,6 +172,7 @@ async def _check_key(
     clients: Sequence[KmsClient],
     uri: str,
     identities: dict[str, str],
+    all_uris: Sequence[str],
 ) -> None:
     from proxy.app import _location_for
     from proxy.kms.identity import identity_of, rotation_of
@@ -188,7 +189,7 @@ async def _check_key(
         return
     expected = _location_for(config, uri)
     if client.prefix not in identities:
-        ident = await identity_of(client, [u for u in config.key_uris() if client.does_support(u)])
+        ident = await identity_of(client, [u for u in all_uris if client.does_support(u)])
         identities[client.prefix] = ident.principal or f"unknown ({ident.detail})"
     report.add(f"{what} provider", None, kek.provider)
     report.add(f"{what} identity", None, identities[client.prefix])
