@@ -14,7 +14,10 @@ USER 10001
 # S3 listener and admin listener (health, readiness, metrics).
 EXPOSE 8080 8081
 ENV PYTHONUNBUFFERED=1
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CMEK_ADMIN_PORT', '8081'), timeout=2)"]
+# Healthy = the admin listener named by the configuration (and its CMEK_PROXY__ADMIN__...
+# overrides) answers /healthz. The start period covers start-up, which validates every
+# configured key with its KMS before the listeners open.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["cmek-proxy", "health", "--config", "/etc/cmek-proxy/config.yaml", "--timeout", "3"]
 ENTRYPOINT ["cmek-proxy"]
 CMD ["serve", "--config", "/etc/cmek-proxy/config.yaml"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from proxy.control.jobs import JOBS, JobContext
 from proxy.control.jobs.gc import GcRunner
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
+from proxy.errors import CmekError
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
@@ -277,21 +279,30 @@ async def start(config: Config, proxy: Proxy | None = None) -> Running:
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
     await admin_runner.setup()
-    s3_site = web.TCPSite(
-        s3_runner,
-        config.listen.host,
-        config.listen.port,
-        backlog=1024,
-        ssl_context=s3_tls.context if s3_tls else None,
-    )
-    await s3_site.start()
-    admin_site = web.TCPSite(
-        admin_runner,
-        config.admin.host,
-        config.admin.port,
-        ssl_context=admin_tls.context if admin_tls else None,
-    )
-    await admin_site.start()
+    running = Running(0, 0, (s3_runner, admin_runner), (s3_tls, admin_tls), ())
+    try:
+        await _listen(
+            web.TCPSite(
+                s3_runner,
+                config.listen.host,
+                config.listen.port,
+                backlog=1024,
+                ssl_context=s3_tls.context if s3_tls else None,
+            ),
+            "S3",
+        )
+        await _listen(
+            web.TCPSite(
+                admin_runner,
+                config.admin.host,
+                config.admin.port,
+                ssl_context=admin_tls.context if admin_tls else None,
+            ),
+            "admin",
+        )
+    except ListenError:
+        await running.close()
+        raise
     tasks = tuple(asyncio.create_task(t.run()) for t in (s3_tls, admin_tls) if t is not None)
     return Running(
         _port(s3_runner), _port(admin_runner), (s3_runner, admin_runner), (s3_tls, admin_tls), tasks
@@ -299,6 +310,24 @@ async def start(config: Config, proxy: Proxy | None = None) -> Running:
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class ListenError(CmekError):
+    """A listener could not bind its address (in use, not permitted, no such address)."""
+
+
+async def _listen(site: web.TCPSite, what: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        hint = (
+            " (another process listens there; choose another port)"
+            if exc.errno in (errno.EADDRINUSE,)
+            else ""
+        )
+        raise ListenError(
+            f"cannot listen for {what} on {site.name}: {exc.strerror or exc}{hint}"
+        ) from None
 
 
 def _port(runner: web.AppRunner) -> int:

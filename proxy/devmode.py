@@ -1,11 +1,18 @@
-"""``cmek-proxy dev``: an encrypting S3 endpoint with nothing to configure.
+"""``cmek-proxy dev``: the whole product on one machine, with nothing to configure.
 
-On first start it creates, in the data directory: a local key file (mode 0600),
-client and backend credentials (mode 0600), and a backend directory; then it
-starts ``rclone serve s3`` on that directory (loopback, with ``--metadata`` so the
-envelope metadata persists) and the proxy in front of it, and writes the
-client's environment to ``<data-dir>/dev.env``.  A second start finds the same
-data and key.  Stopping (Ctrl-C, SIGTERM) stops everything it started.
+On first start it creates, in the data directory: a local key file (mode 0600), client and
+backend credentials and an admin token (``dev-secrets.json``, mode 0600), and a backend
+directory; then it starts ``rclone serve s3`` on that directory (loopback) and the proxy in
+front of it - S3 on port 8080, the admin API (token required; specs stored in the backend
+bucket ``cmek-control``) on 8081 - and writes, mode 0600:
+
+* ``<data-dir>/dev.env``: the client environment (``AWS_ENDPOINT_URL``, credentials,
+  ``CMEK_ADMIN_URL``, ``CMEK_ADMIN_TOKEN``), for ``set -a; . dev.env; set +a``;
+* ``<data-dir>/config.yaml``: the configuration it runs, for ``cmek-proxy job`` and
+  ``cmek-proxy doctor``.
+
+A second start finds the same data, key and token. A busy port stops the start with a
+message naming the option to change it. Stopping (Ctrl-C, SIGTERM) stops everything.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import yaml
 
+from proxy.app import ListenError
 from proxy.config import Config, parse_config
 from proxy.errors import ConfigError
 from proxy.kms.local import create_key_file
 from proxy.wire.tls import write_self_signed
 
 DEV_REGION = "us-east-1"
+CONTROL_BUCKET = "cmek-control"
 
 
 @dataclass(frozen=True)
@@ -40,10 +50,12 @@ class DevSecrets:
     client_secret_key: str
     backend_access_key: str
     backend_secret_key: str
+    admin_token: str = ""
 
 
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
 
@@ -51,16 +63,38 @@ def _write_private(path: Path, text: str) -> None:
 def load_or_create_secrets(data_dir: Path) -> DevSecrets:
     path = data_dir / "dev-secrets.json"
     if path.exists():
-        raw = json.loads(path.read_text())
-        return DevSecrets(**raw)
-    s = DevSecrets(
-        client_access_key="CMEKDEV" + secrets.token_hex(6).upper(),
-        client_secret_key=secrets.token_urlsafe(30),
-        backend_access_key="BACKEND" + secrets.token_hex(6).upper(),
-        backend_secret_key=secrets.token_urlsafe(30),
-    )
+        try:
+            s = DevSecrets(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc}); move the data directory away") from None
+        if s.admin_token:
+            return s
+        s = DevSecrets(**{**s.__dict__, "admin_token": secrets.token_urlsafe(32)})
+    else:
+        s = DevSecrets(
+            client_access_key="CMEKDEV" + secrets.token_hex(6).upper(),
+            client_secret_key=secrets.token_urlsafe(30),
+            backend_access_key="BACKEND" + secrets.token_hex(6).upper(),
+            backend_secret_key=secrets.token_urlsafe(30),
+            admin_token=secrets.token_urlsafe(32),
+        )
     _write_private(path, json.dumps(s.__dict__, indent=2))
     return s
+
+
+def check_port_free(port: int, option: str) -> None:
+    """Refuse a busy port before anything starts, naming the option that changes it."""
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ListenError(
+                f"port {port} on 127.0.0.1 is not free ({exc.strerror}): another process "
+                f"listens there; stop it or start with {option} N"
+            ) from None
 
 
 def free_port() -> int:
@@ -149,7 +183,8 @@ def dev_config(
     return parse_config(
         {
             "listen": {"host": "127.0.0.1", "port": port, **tls_cfg},
-            "admin": {"host": "127.0.0.1", "port": admin_port, **tls_cfg},
+            "admin": {"host": "127.0.0.1", "port": admin_port, "token": s.admin_token, **tls_cfg},
+            "specs": {"control_bucket": CONTROL_BUCKET, "poll_interval": 2},
             "region": DEV_REGION,
             "clients": [{"access_key": s.client_access_key, "secret_key": s.client_secret_key}],
             "backend": {
@@ -179,9 +214,18 @@ def write_env(data_dir: Path, s: DevSecrets, port: int, admin_port: int, tls: bo
         f"AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
         f"AWS_DEFAULT_REGION={DEV_REGION}\n"
         f"{ca}"
-        f"CMEK_ADMIN_URL={scheme}://127.0.0.1:{admin_port}\n",
+        f"CMEK_ADMIN_URL={scheme}://127.0.0.1:{admin_port}\n"
+        f"CMEK_ADMIN_TOKEN={s.admin_token}\n",
     )
     return env
+
+
+def write_config(data_dir: Path, config: Config) -> Path:
+    """The running configuration, for ``cmek-proxy job|doctor --config`` (mode 0600)."""
+    path = data_dir / "config.yaml"
+    tree = config.model_dump(mode="json", exclude_none=True)
+    _write_private(path, "# written by cmek-proxy dev on every start\n" + yaml.safe_dump(tree))
+    return path
 
 
 async def run_dev(data_dir: Path, port: int, admin_port: int, tls: bool = False) -> None:
@@ -190,6 +234,8 @@ async def run_dev(data_dir: Path, port: int, admin_port: int, tls: bool = False)
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     s = load_or_create_secrets(data_dir)
+    check_port_free(port, "--port")
+    check_port_free(admin_port, "--admin-port")
     backend_port = free_port()
     rclone = start_rclone(data_dir, backend_port, s)
     try:
@@ -198,15 +244,18 @@ async def run_dev(data_dir: Path, port: int, admin_port: int, tls: bool = False)
         running = await start(config)
         try:
             env = write_env(data_dir, s, running.s3_port, running.admin_port, tls)
+            cfg = write_config(data_dir, config)
             scheme = "https" if tls else "http"
             print(
                 f"cmek-proxy dev: S3 endpoint {scheme}://127.0.0.1:{running.s3_port}\n"
-                f"  admin (metrics, health): {scheme}://127.0.0.1:{running.admin_port}\n"
+                f"  admin API, metrics, health: {scheme}://127.0.0.1:{running.admin_port}"
+                " (token CMEK_ADMIN_TOKEN in dev.env)\n"
                 f"  AWS_ACCESS_KEY_ID={s.client_access_key}\n"
                 f"  AWS_SECRET_ACCESS_KEY={s.client_secret_key}\n"
                 f"  AWS_DEFAULT_REGION={DEV_REGION}\n"
                 f"  key file: {(data_dir / 'keys.json').resolve()}\n"
                 f"  environment written to {env}: set -a; . {env}; set +a\n"
+                f"  configuration for jobs and doctor: {cfg}\n"
                 "  Ctrl-C stops the proxy and its backend.",
                 flush=True,
             )

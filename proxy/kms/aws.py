@@ -238,6 +238,11 @@ class AwsKmsClient:
         self._clients: dict[str, Any] = {}
         self._lock = asyncio.Lock()
 
+    @property
+    def session(self) -> AioSession:
+        """The aiobotocore session (its credential chain is the proxy's AWS identity)."""
+        return self._session
+
     async def client_for(self, region: str) -> Any:
         """The SDK client for ``region``, created on first use and kept until ``close``."""
         client = self._clients.get(region)

@@ -48,6 +48,12 @@ class KeyFile:
             primary = str(raw["primary"])
         except FileNotFoundError as exc:
             raise KeyConfigError(f"local key file {path} does not exist") from exc
+        except PermissionError as exc:
+            raise KeyConfigError(
+                f"local key file {path} is not readable by this user (permission denied)"
+            ) from exc
+        except OSError as exc:
+            raise KeyConfigError(f"local key file {path} cannot be read: {exc.strerror}") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyConfigError(f"local key file {path} is not a valid key file: {exc}") from exc
         if primary not in keys:
@@ -81,6 +87,23 @@ def create_key_file(path: Path, key_id: str = "k1") -> KeyFile:
     kf = KeyFile(primary=key_id, keys={key_id: AESGCM.generate_key(bit_length=256)})
     kf.save(path)
     return kf
+
+
+def rotate_key_file(path: Path) -> KeyFile:
+    """Add a fresh key to an existing key file and make it the primary (mode 0600).
+
+    Older keys stay, so objects sealed under them keep opening; new writes use the new one.
+    """
+    kf = KeyFile.load(path)
+    n = len(kf.keys) + 1
+    while f"k{n}" in kf.keys:
+        n += 1
+    new_id = f"k{n}"
+    rotated = KeyFile(
+        primary=new_id, keys={**kf.keys, new_id: AESGCM.generate_key(bit_length=256)}
+    )
+    rotated.save(path)
+    return rotated
 
 
 class LocalKek:

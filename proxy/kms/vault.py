@@ -267,6 +267,11 @@ class VaultTransitClient:
         self._own_session = session is None
         self.retry = retry or RetryPolicy()
 
+    @property
+    def tls(self) -> bool:
+        """Whether the server is reached over https (else plain http, dev servers)."""
+        return self._tls
+
     def token(self) -> str:
         """The token: constructor, then token file (re-read each call), then env."""
         if self._token:

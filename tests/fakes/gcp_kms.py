@@ -21,6 +21,7 @@ and behaves like the service where cmek-proxy depends on it:
 
 from __future__ import annotations
 
+import datetime
 import os
 import struct
 import threading
@@ -50,6 +51,8 @@ class _Version:
 class _CryptoKey:
     versions: dict[int, _Version] = field(default_factory=dict)
     primary: int = 0
+    rotation_days: int = 0
+    """Automatic rotation period (0: off), as GetCryptoKey reports it."""
 
 
 class _Abort(Exception):
@@ -89,6 +92,29 @@ class FakeGcpKms:
             ck.versions[n] = _Version(AESGCM.generate_key(256))
             ck.primary = n
         return f"{name}/cryptoKeyVersions/{n}"
+
+    def set_rotation(self, name: str, days: int) -> None:
+        """Set the automatic rotation period GetCryptoKey reports (0: off)."""
+        with self._lock:
+            self._keys[name].rotation_days = days
+
+    def get_crypto_key(self, req: kms_v1.GetCryptoKeyRequest) -> kms_v1.CryptoKey:
+        with self._lock:
+            self.calls["GetCryptoKey"] += 1
+            ck = self._keys.get(req.name)
+            if ck is None:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"{req.name} not found")
+            if req.name in self._denied:
+                raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "cloudkms.cryptoKeys.get denied")
+            key = kms_v1.CryptoKey(
+                name=req.name,
+                purpose=kms_v1.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT,
+                primary=kms_v1.CryptoKeyVersion(name=f"{req.name}/cryptoKeyVersions/{ck.primary}"),
+            )
+            if ck.rotation_days:
+                key.rotation_period = datetime.timedelta(days=ck.rotation_days)
+                key.next_rotation_time = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+            return key
 
     def set_state(self, name: str, version: int, state: str) -> None:
         """Set a version's state: ``ENABLED``, ``DISABLED`` or ``DESTROYED``."""
@@ -241,6 +267,9 @@ class FakeGcpKms:
             {
                 "Encrypt": unary(self.encrypt, kms_v1.EncryptRequest, kms_v1.EncryptResponse),
                 "Decrypt": unary(self.decrypt, kms_v1.DecryptRequest, kms_v1.DecryptResponse),
+                "GetCryptoKey": unary(
+                    self.get_crypto_key, kms_v1.GetCryptoKeyRequest, kms_v1.CryptoKey
+                ),
             },
         )
 

@@ -10,6 +10,7 @@ streamed in bounded chunks, never held whole. Per-object failures are counted an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
 from collections import Counter
@@ -19,11 +20,11 @@ from datetime import datetime
 from typing import Any, Final
 
 import aiohttp
-from tqdm import tqdm
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
 from proxy.control.audit import AuditLog
+from proxy.control.jobs.progress import Bar, human_bytes
 from proxy.control.policy import Policy
 from proxy.crypto import Envelope
 from proxy.errors import CmekError, FormatError, S3Error
@@ -91,6 +92,9 @@ class JobProgress:
     options: JobOptions
     objects: int = 0
     bytes: int = 0
+    """Object bytes read from the backend (a dry run reads none)."""
+    planned_bytes: int = 0
+    """Dry run: stored bytes of the objects the job would process."""
     outcomes: Counter[str] = field(default_factory=Counter)
     by_key: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -117,6 +121,7 @@ class JobProgress:
             "dry_run": self.options.dry_run,
             "objects": self.objects,
             "bytes": self.bytes,
+            "planned_bytes": self.planned_bytes,
             "outcomes": dict(sorted(self.outcomes.items())),
             "by_key": dict(sorted(self.by_key.items())),
             "errors": list(self.errors),
@@ -128,7 +133,8 @@ class JobProgress:
         lines = [
             f"{self.kind} s3://{self.options.bucket}/{self.options.prefix}"
             f"{' (dry run)' if self.options.dry_run else ''}: "
-            f"{self.objects} objects, {self.bytes} bytes read"
+            f"{self.objects} objects, {human_bytes(self.bytes)} read"
+            + (f", {human_bytes(self.planned_bytes)} to process" if self.options.dry_run else "")
         ]
         lines += [f"  {k}: {v}" for k, v in sorted(self.outcomes.items())]
         if self.by_key:
@@ -251,17 +257,10 @@ async def run_job(
     if opts.concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     prog = progress or JobProgress(kind, opts)
+    audit_fields = {"job": kind, "bucket": opts.bucket, "prefix": opts.prefix}
     if ctx.audit is not None:
-        ctx.audit.append(
-            "job.started", job=kind, bucket=opts.bucket, prefix=opts.prefix, dry_run=opts.dry_run
-        )
-    bar = tqdm(
-        desc=kind,
-        unit="obj",
-        disable=not opts.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+        ctx.audit.append("job.started", **audit_fields, dry_run=opts.dry_run)
+    bar = Bar(kind, sys.stderr) if opts.progress else None
     queue: asyncio.Queue[Listed | None] = asyncio.Queue(maxsize=opts.concurrency * 2)
 
     async def worker() -> None:
@@ -275,10 +274,17 @@ async def run_job(
                 prog.outcome("conflict")
             except CmekError as exc:
                 prog.error(item.key, exc)
-            bar.update(1)
-            bar.set_postfix(bytes=prog.bytes, errors=prog.outcomes.get("error", 0), refresh=False)
+            if bar is not None:
+                bar.update(prog.bytes, prog.outcomes.get("error", 0))
+
+    async def count(bar: Bar) -> None:
+        async for obj in list_objects(ctx.backend, opts.bucket, opts.prefix):
+            if sampled(obj.key, opts.sample):
+                bar.listed(obj.size)
+        bar.counted()
 
     workers = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
+    counter = asyncio.create_task(count(bar)) if bar is not None else None
     try:
         async for obj in list_objects(ctx.backend, opts.bucket, opts.prefix):
             if sampled(obj.key, opts.sample):
@@ -288,22 +294,33 @@ async def run_job(
         await asyncio.gather(*workers)
     except CmekError as exc:
         if ctx.audit is not None:
+            ctx.audit.append("job.finished", **audit_fields, error=str(exc))
+        raise
+    except asyncio.CancelledError:
+        # Ctrl-C (or the proxy stopping): record how far the job got, then stop
+        if ctx.audit is not None:
             ctx.audit.append(
-                "job.finished", job=kind, bucket=opts.bucket, prefix=opts.prefix, error=str(exc)
+                "job.interrupted",
+                **audit_fields,
+                dry_run=opts.dry_run,
+                objects=prog.objects,
+                outcomes=dict(prog.outcomes),
             )
         raise
     finally:
-        for w in workers:
-            w.cancel()
+        for task in [*workers, *([counter] if counter is not None else [])]:
+            task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        bar.close()
+        if counter is not None:
+            with contextlib.suppress(asyncio.CancelledError, CmekError):
+                await counter
+        if bar is not None:
+            bar.close()
     prog.done = True
     if ctx.audit is not None:
         ctx.audit.append(
             "job.finished",
-            job=kind,
-            bucket=opts.bucket,
-            prefix=opts.prefix,
+            **audit_fields,
             dry_run=opts.dry_run,
             objects=prog.objects,
             outcomes=dict(prog.outcomes),

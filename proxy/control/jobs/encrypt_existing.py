@@ -120,7 +120,7 @@ async def encrypt_existing(
         if crypto.ciphertext_size(size) > MAX_SINGLE_PUT:
             raise FormatError(f"{key}: {size} bytes is over the single-request limit")
         if opts.dry_run:
-            prog.bytes += size
+            prog.planned_bytes += size
             prog.outcome("would-encrypt")
             return
         headers = storable_headers(head.headers)

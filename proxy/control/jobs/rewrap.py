@@ -73,6 +73,7 @@ async def rewrap(
             prog.outcome("already")
             return
         if opts.dry_run:
+            prog.planned_bytes += obj.size
             prog.by_key[f"{env.kek_uri} -> {target}"] += 1
             prog.outcome("would-rewrap")
             return

@@ -27,7 +27,9 @@ async def run_standalone(
     opts: JobOptions,
     *,
     kms_clients: Sequence[KmsClient] | None = None,
+    progress: JobProgress | None = None,
 ) -> JobProgress:
+    """Run one job; ``progress`` (when given) holds the counts even if the job is cancelled."""
     if kind not in JOBS:
         raise ValueError(f"unknown job {kind!r}")
     clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
@@ -52,7 +54,7 @@ async def run_standalone(
             lambda: specs.policy,
             audit,
         )
-        return await JOBS[kind](ctx, opts, None)
+        return await JOBS[kind](ctx, opts, progress)
     finally:
         await session.close()
         for c in clients:

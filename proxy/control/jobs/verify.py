@@ -5,7 +5,8 @@ the KMS (cached per key and bucket), its object key opened, every segment authen
 Outcomes: ``ok``, ``plaintext-legacy`` (stored as sent on a path the policy encrypts - written
 before encryption was turned on), ``plaintext-allowed`` (stored as sent where the policy
 allows it), ``error:<Kind>``. Counts per key URI and key version (and per error there) are in
-``by_key``. Nothing is written: ``--dry-run`` changes nothing for this job.
+``by_key``. Nothing is written. ``--dry-run`` reads no object body: it counts the objects (and their
+stored bytes) a run would check, outcome ``would-verify``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ async def verify(
     ctx: JobContext, opts: JobOptions, progress: JobProgress | None = None
 ) -> JobProgress:
     async def step(obj: Listed, prog: JobProgress) -> None:
+        if opts.dry_run:  # count what a run would check; read no object body
+            prog.planned_bytes += obj.size
+            prog.outcome("would-verify")
+            return
         resp = await get_ok(ctx.backend, opts.bucket, obj.key)
         try:
             env = await ctx.envelopes.read(opts.bucket, obj.key, resp.headers)
