@@ -130,3 +130,18 @@ def test_truncation_is_found_against_a_recorded_head(
     log.append("job.finished", job="forged")
     res = verify(path, head)
     assert (res.ok, res.broken_line) == (False, 6)
+
+
+def test_head_metric_survives_an_unreadable_log(tmp_path: Path) -> None:
+    """A scrape still answers when the audit log cannot be read (the head is left out)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from proxy.control.audit import AuditHeadCollector
+
+    path = _log(tmp_path, 3)
+    registry = CollectorRegistry()
+    registry.register(AuditHeadCollector(AuditLog(path)))
+    assert b"cmek_audit_entries 3.0" in generate_latest(registry)
+    path.unlink()
+    path.mkdir()  # reading a directory fails with an OSError other than "not found"
+    assert b"cmek_audit_entries" not in generate_latest(registry)

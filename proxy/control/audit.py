@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.kms.keys import KeyEvent
+
+log = logging.getLogger(__name__)
 
 GENESIS: Final = "0" * 64
 _TAIL_BLOCK: Final = 64 * 1024
@@ -240,7 +243,11 @@ class AuditHeadCollector(Collector):
         self._log = log
 
     def collect(self) -> list[Metric]:
-        head = self._log.head()
+        try:
+            head = self._log.head()
+        except OSError as exc:  # an unreadable log must not break the whole scrape
+            log.warning("audit log %s unreadable for its head metric: %s", self._log.path, exc)
+            return []
         entries = GaugeMetricFamily(
             "cmek_audit_entries", "Entries in the audit log's hash chain (its head's count)."
         )
