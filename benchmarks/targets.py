@@ -335,6 +335,8 @@ def proxy_config(backend_url: str, port: int, admin_port: int, key_uri: str) -> 
         },
         "kms": {"cache_ttl": 300},
         "encryption": {"default": {"key": key_uri}},
+        # One process: the harness reads the CPU and RSS of the proxy's own process.
+        "workers": 1,
     }
 
 

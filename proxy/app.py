@@ -26,6 +26,7 @@ from proxy.control.audit import AuditLog
 from proxy.control.jobs import JobContext
 from proxy.control.policy import Policy
 from proxy.control.specs import SpecStore
+from proxy.errors import CmekError
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
@@ -170,25 +171,69 @@ def _location_for(config: Config, uri: str) -> str | None:
 class Running:
     s3_port: int
     admin_port: int
-    runners: tuple[web.AppRunner, web.AppRunner]
+    runners: tuple[web.AppRunner, ...]
 
     async def close(self) -> None:
         for r in reversed(self.runners):
             await r.cleanup()
 
 
-async def start(config: Config, proxy: Proxy | None = None) -> Running:
-    """Start both listeners; ports 0 pick free ports (reported back)."""
+async def start(
+    config: Config,
+    proxy: Proxy | None = None,
+    *,
+    s3: bool = True,
+    admin: bool = True,
+    reuse_port: bool = False,
+) -> Running:
+    """Start the listeners; ports 0 pick free ports (reported back, 0 for one not started).
+
+    ``s3=False`` (the parent of ``--workers``) still runs the S3 app's resources - key
+    validation, prober, spec store - for the admin API, without an S3 listener; ``admin=False``
+    (a worker) has no admin listener. Closing stops accepting at once and gives requests in
+    flight ``shutdown_grace`` seconds.
+    """
     proxy = proxy or build(config)
-    s3_runner = web.AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
+    grace = config.shutdown_grace
+    s3_runner = web.AppRunner(
+        proxy.s3_app, access_log=None, handle_signals=False, shutdown_timeout=grace
+    )
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
-    admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
-    await admin_runner.setup()
-    s3_site = web.TCPSite(s3_runner, config.listen.host, config.listen.port, backlog=1024)
-    await s3_site.start()
-    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
-    await admin_site.start()
-    return Running(_port(s3_runner), _port(admin_runner), (s3_runner, admin_runner))
+    runners = [s3_runner]
+    s3_port = admin_port = 0
+    try:
+        if s3:
+            site = web.TCPSite(
+                s3_runner,
+                config.listen.host,
+                config.listen.port,
+                backlog=1024,
+                reuse_port=reuse_port or None,
+            )
+            await _start_site(site, config.listen.host, config.listen.port)
+            s3_port = _port(s3_runner)
+        if admin:
+            admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
+            await admin_runner.setup()
+            runners.append(admin_runner)
+            await _start_site(
+                web.TCPSite(admin_runner, config.admin.host, config.admin.port),
+                config.admin.host,
+                config.admin.port,
+            )
+            admin_port = _port(admin_runner)
+    except BaseException:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise
+    return Running(s3_port, admin_port, tuple(runners))
+
+
+async def _start_site(site: web.TCPSite, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise CmekError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _port(runner: web.AppRunner) -> int:

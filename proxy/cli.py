@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -20,11 +19,20 @@ from proxy.errors import CmekError
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from proxy.app import start
     from proxy.config import load_config
-    from proxy.devmode import wait_for_signal
+    from proxy.workers import multiprocess_metrics, worker_count
 
     config = load_config(Path(args.config))
+    count = worker_count(config, args.workers)
+    if count > 1:
+        with multiprocess_metrics():  # before prometheus_client is first imported
+            from proxy.workers import serve_workers
+
+            _run(serve_workers(config, count, args.log_level))
+        return
+
+    from proxy.app import start
+    from proxy.devmode import wait_for_signal
 
     async def main() -> None:
         running = await start(config)
@@ -169,20 +177,9 @@ def _wait(url: str, token: str, name: str, timeout: float) -> dict[str, Any]:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
-    """Run under uvloop when it is installed (extra "fast"), unless CMEK_PROXY_LOOP=asyncio.
+    from proxy.loop import run
 
-    See benchmarks/README.md for what uvloop buys on the small-object path.
-    """
-    if os.environ.get("CMEK_PROXY_LOOP") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass  # uvloop is optional (extra "fast"): fall through to asyncio
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(coro)
-            return
-    asyncio.run(coro)
+    run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run in front of an S3-compatible backend")
     s.add_argument("--config", required=True, help="YAML configuration file")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="S3 worker processes (default: config 'workers', else the CPUs available)",
+    )
     s.set_defaults(func=_serve)
     d = sub.add_parser("dev", help="run an encrypting endpoint on a local disk backend")
     d.add_argument("--port", type=int, default=8080, help="S3 port (default 8080)")

@@ -8,6 +8,7 @@ codes, configured rule names.  Object keys and bucket names are never labels.
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from prometheus_client import (
@@ -17,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 KMS_OPERATIONS: Final = ("generate_data_key", "wrap", "unwrap")
@@ -102,6 +104,7 @@ class Metrics:
             "1 if the configured key answered its last call or probe, else 0.",
             ["key"],
             registry=r,
+            multiprocess_mode="livemin",  # with --workers: 0 if any live process saw it fail
         )
         self.s3_request_duration = Histogram(
             "cmek_s3_request_duration_seconds",
@@ -137,6 +140,11 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "cmek_worker_restarts_total",
+            "S3 worker processes started again after they died (serve --workers).",
+            registry=r,
+        )
 
     def observe_kms(self, provider: str, operation: str, outcome: str, seconds: float) -> None:
         """Record one KMS call."""
@@ -148,5 +156,14 @@ class Metrics:
         self.s3_request_duration.labels(operation, str(status)).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        """The scrape body in the Prometheus text format, and its content type."""
+        """The scrape body in the Prometheus text format, and its content type.
+
+        Under ``serve --workers`` (prometheus_client's multiprocess mode, set up by
+        ``proxy.workers``) the values of every process are merged from its directory.
+        """
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
