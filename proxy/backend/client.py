@@ -10,7 +10,7 @@ encryption.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -105,6 +105,22 @@ async def _gather(body: AsyncIterable[bytes], length: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+async def _exact(body: AsyncIterable[bytes], length: int) -> AsyncIterator[bytes]:
+    """A large streamed body, checked to be exactly ``length`` bytes.
+
+    aiohttp would clip a longer body and send a shorter one as if whole: here the excess is
+    never sent and a short end raises, so aiohttp aborts the request and nothing is stored.
+    """
+    got = 0
+    async for chunk in body:
+        got += len(chunk)
+        if got > length:
+            raise S3Error("InternalError", "the stored body differs from its length", 500)
+        yield chunk
+    if got != length:
+        raise S3Error("InternalError", "the stored body differs from its length", 500)
+
+
 class BackendClient:
     """Signed, streaming requests to one S3-compatible endpoint."""
 
@@ -183,6 +199,8 @@ class BackendClient:
             hdrs["content-length"] = str(content_length)
             if content_length <= COALESCE_BYTES:
                 body = await _gather(body, content_length)
+            else:
+                body = _exact(body, content_length)
         hdrs.update(
             sign_headers(
                 method,
