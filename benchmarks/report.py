@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("direct", "proxy", "peer")
+TARGETS = ("direct", "proxy", "proxy-default", "peer")
+"""``proxy`` runs ``--workers 1``; ``proxy-default`` the default count (or ``--proxy-workers``)."""
+RATIOS = (
+    ("proxy", "direct"),
+    ("proxy", "peer"),
+    ("proxy-default", "direct"),
+    ("proxy-default", "peer"),
+)
 PEER_BACKEND = "rclone-dir"
 
 
@@ -76,10 +83,7 @@ class Results:
                     "better": s.better,
                     "targets": {t: s.summary(t) for t in TARGETS},
                     "values": s.values,
-                    "ratios": {
-                        "proxy/direct": s.ratio("proxy", "direct"),
-                        "proxy/peer": s.ratio("proxy", "peer"),
-                    },
+                    "ratios": {f"{a}/{b}": s.ratio(a, b) for a, b in RATIOS},
                 }
             )
         return {"meta": self.meta, "errors": self.errors, "rows": rows}
@@ -121,7 +125,8 @@ def render_markdown(res: Results) -> str:
     meta = res.meta
     lines.append("# cmek-proxy benchmark results")
     lines.append("")
-    for k in ("started", "command", "host", "loop", "signing_rate", "repeats", "duration_s"):
+    keys = ("started", "command", "host", "load", "loop", "signing_rate", "proxy_workers")
+    for k in (*keys, "repeats", "duration_s"):
         if k in meta:
             lines.append(f"- **{k}**: {meta[k]}")
     lines.append("")
@@ -142,9 +147,10 @@ def render_markdown(res: Results) -> str:
             )
             lines.append("")
         lines.append(
-            "| scenario | params | metric | direct | proxy | peer | proxy/direct | proxy/peer |"
+            "| scenario | params | metric | direct | proxy w=1 | proxy w=default | peer "
+            "| w=1/direct | w=1/peer | default/direct | default/peer |"
         )
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for s in res.series.values():
             if s.backend != b:
                 continue
@@ -152,8 +158,10 @@ def render_markdown(res: Results) -> str:
             lines.append(
                 f"| {s.scenario} | {s.params} | {s.metric} ({s.unit}) {arrow} "
                 f"| {_cell(s.summary('direct'), '-')} | {_cell(s.summary('proxy'), '-')} "
-                f"| {_cell(s.summary('peer'), peer_na)} "
-                f"| {_ratio(s.ratio('proxy', 'direct'))} | {_ratio(s.ratio('proxy', 'peer'))} |"
+                f"| {_cell(s.summary('proxy-default'), '-')} "
+                f"| {_cell(s.summary('peer'), peer_na)} | "
+                + " | ".join(_ratio(s.ratio(a, b)) for a, b in RATIOS)
+                + " |"
             )
     if res.errors:
         lines.append("")

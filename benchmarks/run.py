@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes and durations (seconds)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--proxy-workers",
+        type=int,
+        help="workers of the proxy-default target (default: the proxy's own default, the CPUs "
+        "available to it); the proxy target always runs --workers 1",
+    )
     return p
 
 
@@ -184,14 +190,18 @@ async def measure_target(
     opts: Options,
     res: Results,
     payloads: dict[int, bytes],
+    proxy_workers: int | None = None,
 ) -> None:
     bucket = f"bench-{target}"
     # Buckets are made on the backend (direct, proxy) or on the peer itself.
     async with AsyncExitStack() as stack:
         if target == "direct":
             server = await stack.enter_async_context(_direct(backend))
-        elif target == "proxy":
-            server = await stack.enter_async_context(cmek_proxy(workdir, backend, backend_name))
+        elif target in ("proxy", "proxy-default"):
+            workers = 1 if target == "proxy" else proxy_workers
+            server = await stack.enter_async_context(
+                cmek_proxy(workdir, backend, backend_name, workers)
+            )
         else:
             server = await stack.enter_async_context(rclone_crypt_peer(workdir))
         setup = server if target == "peer" else backend
@@ -205,7 +215,13 @@ async def measure_target(
             await run_all(ctx)
 
 
-async def run(opts: Options, targets: list[str], backends: list[str], res: Results) -> None:
+async def run(
+    opts: Options,
+    targets: list[str],
+    backends: list[str],
+    res: Results,
+    proxy_workers: int | None = None,
+) -> None:
     payloads: dict[int, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="cmek-bench-") as tmp:
         root = Path(tmp)
@@ -220,7 +236,9 @@ async def run(opts: Options, targets: list[str], backends: list[str], res: Resul
                         t0 = time.monotonic()
                         print(f"[bench] {bname} / {target} ...", file=sys.stderr, flush=True)
                         try:
-                            await measure_target(bname, target, backend, bdir, opts, res, payloads)
+                            await measure_target(
+                                bname, target, backend, bdir, opts, res, payloads, proxy_workers
+                            )
                         except RUN_ERRORS as e:
                             res.errors.append(
                                 {"backend": bname, "target": target, "error": one_line(e)}
@@ -255,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{_rclone_version()}",
         "loop": f"load generator on {loop_name} + aiohttp",
         "signing_rate": f"{signing_rate():,.0f} SigV4 signatures/s on one core",
+        "load": "load average at start {:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(
+            *os.getloadavg()
+        ),
+        "proxy_workers": f"proxy w=1, and w=default = {args.proxy_workers or _default_workers()}"
+        + ("" if args.proxy_workers else " (the CPUs available to the proxy)"),
         "repeats": opts.repeats,
         "duration_s": opts.duration,
         "sizes": [size_label(s) for s in opts.sizes],
@@ -265,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.monotonic()
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(run(opts, args.targets, args.backends, res))
+        runner.run(run(opts, args.targets, args.backends, res, args.proxy_workers))
     res.meta["wall_s"] = round(time.monotonic() - t0, 1)
     jpath, mpath = write(res, args.out)
     print(f"[bench] wrote {jpath} and {mpath} in {res.meta['wall_s']}s", file=sys.stderr)
@@ -274,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def _default_workers() -> int:
+    from proxy.workers import available_cpus
+
+    return available_cpus()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from benchmarks import parallel
 from benchmarks.loadgen import LoadResult, S3Client, S3RequestError, run_bounded, run_load
 from benchmarks.report import Results
 from benchmarks.targets import Server, kms_calls, proc_usage, relay_from_upstream
@@ -29,7 +30,7 @@ RANGE_LEN = 1024
 MAX_REQUESTS = 1_000_000
 POPULATE_CONCURRENCY = 32
 LARGE_OP_TIMEOUT = 600.0
-SCENARIOS = ("large", "small", "range", "multipart", "list")
+SCENARIOS = ("large", "small", "range", "multipart", "list", "s5cmd")
 SCENARIO_ERRORS = (S3RequestError, aiohttp.ClientError, TimeoutError, RuntimeError, OSError)
 
 
@@ -294,6 +295,7 @@ RUNNERS: dict[str, Callable[[Ctx], Awaitable[None]]] = {
     "range": range_get,
     "multipart": multipart,
     "list": listing,
+    "s5cmd": parallel.s5cmd,
 }
 
 
@@ -330,6 +332,10 @@ async def run_all(ctx: Ctx) -> None:
                 ctx.add("KMS calls", name, "per 10,000 requests", "calls", "lower", per10k)
     usage = proc_usage(ctx.server.pid)
     ctx.add("process", "whole run", "peak RSS (VmHWM)", "MiB", "lower", usage.peak_rss_bytes / MiB)
+    ctx.add(
+        "process", "whole run", "peak RSS per process", "MiB", "lower", usage.max_rss_bytes / MiB
+    )
+    ctx.add("process", "whole run", "processes", "count", "lower", usage.processes)
     ctx.add("process", "whole run", "CPU time", "s", "lower", usage.cpu_seconds - c_start)
 
 

@@ -63,10 +63,16 @@ def rclone_binary() -> str:
 
 @dataclass
 class ProcUsage:
-    """CPU seconds (user+system) and peak RSS (VmHWM) of a process and its descendants."""
+    """CPU seconds (user+system) and peak RSS (VmHWM) of a process and its descendants.
+
+    ``peak_rss_bytes`` is the sum over the processes (a multi-worker proxy: the parent, its
+    workers and multiprocessing's resource tracker); ``max_rss_bytes`` the largest single one.
+    """
 
     cpu_seconds: float
     peak_rss_bytes: int
+    max_rss_bytes: int = 0
+    processes: int = 0
 
 
 def _children(pid: int) -> list[int]:
@@ -88,6 +94,7 @@ def proc_usage(pid: int) -> ProcUsage:
     """Sample ``/proc/<pid>/stat`` (utime+stime) and ``/proc/<pid>/status`` (VmHWM)."""
     cpu = 0.0
     hwm = 0
+    top = 0
     todo = [pid]
     seen: set[int] = set()
     while todo and len(seen) < 256:
@@ -104,9 +111,11 @@ def proc_usage(pid: int) -> ProcUsage:
         cpu += (int(fields[11]) + int(fields[12])) / _CLK_TCK
         for line in status.splitlines():
             if line.startswith("VmHWM:"):
-                hwm += int(line.split()[1]) * 1024
+                one = int(line.split()[1]) * 1024
+                hwm += one
+                top = max(top, one)
         todo.extend(_children(p))
-    return ProcUsage(cpu, hwm)
+    return ProcUsage(cpu, hwm, top, len(seen))
 
 
 @dataclass
@@ -320,8 +329,11 @@ def write_local_keyfile(path: Path) -> str:
     return f"local://{path.resolve()}"
 
 
-def proxy_config(backend_url: str, port: int, admin_port: int, key_uri: str) -> dict[str, object]:
-    return {
+def proxy_config(
+    backend_url: str, port: int, admin_port: int, key_uri: str, workers: int | None = 1
+) -> dict[str, object]:
+    """The proxy's config; ``workers=None`` leaves the worker count at its default."""
+    cfg: dict[str, object] = {
         "listen": {"host": HOST, "port": port},
         "admin": {"host": HOST, "port": admin_port},
         "region": REGION,
@@ -336,28 +348,39 @@ def proxy_config(backend_url: str, port: int, admin_port: int, key_uri: str) -> 
         "kms": {"cache_ttl": 300},
         "encryption": {"default": {"key": key_uri}},
     }
+    if workers is not None:
+        cfg["workers"] = workers
+    return cfg
 
 
 @asynccontextmanager
-async def cmek_proxy(workdir: Path, backend: Server, tag: str) -> AsyncIterator[Server]:
-    """cmek-proxy in front of ``backend``, with a counting relay between the two."""
-    pdir = workdir / f"proxy-{tag}"
+async def cmek_proxy(
+    workdir: Path, backend: Server, tag: str, workers: int | None = 1
+) -> AsyncIterator[Server]:
+    """cmek-proxy in front of ``backend``, with a counting relay between the two.
+
+    ``workers=None``: the proxy's default worker count. The harness samples the whole process
+    tree (parent, workers), so CPU and RSS figures are the proxy's total on the host.
+    """
+    pdir = workdir / f"proxy-{tag}-w{workers or 'default'}"
     pdir.mkdir()
     key_uri = write_local_keyfile(pdir / "keyfile.json")
     backend_port = int(backend.url.rsplit(":", 1)[1])
     async with counting_relay(workdir, tag, backend_port) as relay:
         port, admin = free_port(), free_port()
         cfg = pdir / "config.yaml"
-        cfg.write_text(yaml.safe_dump(proxy_config(relay.url, port, admin, key_uri)))
+        doc = proxy_config(relay.url, port, admin, key_uri, workers)
+        cfg.write_text(yaml.safe_dump(doc))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)]
-        health = http_ready(f"http://{HOST}:{admin}/healthz")
+        # /readyz: every worker is up (with --workers 1 it is the process itself).
+        health = http_ready(f"http://{HOST}:{admin}/readyz")
         listening = tcp_ready(port)
 
         async def ready() -> bool:
             return await health() and await listening()
 
         env = {"PYTHONPATH": str(REPO_ROOT)}
-        async with spawn(f"proxy-{tag}", argv, workdir, ready, env=env) as p:
+        async with spawn(pdir.name, argv, workdir, ready, env=env) as p:
             yield Server(
                 f"http://{HOST}:{port}",
                 CLIENT_AK,

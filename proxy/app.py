@@ -248,7 +248,7 @@ def _location_for(config: Config, uri: str) -> str | None:
 class Running:
     s3_port: int
     admin_port: int
-    runners: tuple[web.AppRunner, web.AppRunner]
+    runners: tuple[web.AppRunner, ...]
     tls: tuple[ReloadingTls | None, ReloadingTls | None] = (None, None)
     """The S3 and admin listeners' TLS contexts (None: plain HTTP)."""
     tasks: tuple[asyncio.Task[None], ...] = ()
@@ -263,50 +263,73 @@ class Running:
             await r.cleanup()
 
 
-async def start(config: Config, proxy: Proxy | None = None) -> Running:
-    """Start both listeners; ports 0 pick free ports (reported back)."""
+async def start(
+    config: Config,
+    proxy: Proxy | None = None,
+    *,
+    s3: bool = True,
+    admin: bool = True,
+    reuse_port: bool = False,
+) -> Running:
+    """Start the listeners; ports 0 pick free ports (reported back, 0 for one not started).
+
+    ``s3=False`` (the parent of ``--workers``) still runs the S3 app's resources - key
+    validation, prober, spec store - for the admin API, without an S3 listener; ``admin=False``
+    (a worker) has no admin listener. Closing stops accepting at once and gives requests in
+    flight ``shutdown_grace`` seconds.
+    """
     # certificate problems are configuration errors: found before anything starts
-    s3_tls = ReloadingTls(config.listen.tls, name="listen") if config.listen.tls else None
-    admin_tls = ReloadingTls(config.admin.tls, name="admin") if config.admin.tls else None
+    s3_tls = ReloadingTls(config.listen.tls, name="listen") if s3 and config.listen.tls else None
+    admin_tls = (
+        ReloadingTls(config.admin.tls, name="admin") if admin and config.admin.tls else None
+    )
     proxy = proxy or build(config)
-    if s3_tls is None and config.listen.host not in _LOOPBACK:
+    if s3 and s3_tls is None and config.listen.host not in _LOOPBACK:
         log.warning(
             "the S3 listener on %s speaks plain HTTP: decrypted objects cross the network "
             "in the clear (configure listen.tls)",
             config.listen.host,
         )
-    s3_runner = S3AppRunner(proxy.s3_app, access_log=None, handle_signals=False)
+    s3_runner = S3AppRunner(
+        proxy.s3_app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_grace
+    )
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
-    admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
-    await admin_runner.setup()
-    running = Running(0, 0, (s3_runner, admin_runner), (s3_tls, admin_tls), ())
+    runners: list[web.AppRunner] = [s3_runner]
+    s3_port = admin_port = 0
     try:
-        await _listen(
-            web.TCPSite(
-                s3_runner,
-                config.listen.host,
-                config.listen.port,
-                backlog=1024,
-                ssl_context=s3_tls.context if s3_tls else None,
-            ),
-            "S3",
-        )
-        await _listen(
-            web.TCPSite(
-                admin_runner,
-                config.admin.host,
-                config.admin.port,
-                ssl_context=admin_tls.context if admin_tls else None,
-            ),
-            "admin",
-        )
-    except ListenError:
-        await running.close()
+        if s3:
+            await _listen(
+                web.TCPSite(
+                    s3_runner,
+                    config.listen.host,
+                    config.listen.port,
+                    backlog=1024,
+                    ssl_context=s3_tls.context if s3_tls else None,
+                    reuse_port=reuse_port or None,
+                ),
+                "S3",
+            )
+            s3_port = _port(s3_runner)
+        if admin:
+            admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
+            await admin_runner.setup()
+            runners.append(admin_runner)
+            await _listen(
+                web.TCPSite(
+                    admin_runner,
+                    config.admin.host,
+                    config.admin.port,
+                    ssl_context=admin_tls.context if admin_tls else None,
+                ),
+                "admin",
+            )
+            admin_port = _port(admin_runner)
+    except BaseException:
+        for r in reversed(runners):
+            await r.cleanup()
         raise
     tasks = tuple(asyncio.create_task(t.run()) for t in (s3_tls, admin_tls) if t is not None)
-    return Running(
-        _port(s3_runner), _port(admin_runner), (s3_runner, admin_runner), (s3_tls, admin_tls), tasks
-    )
+    return Running(s3_port, admin_port, tuple(runners), (s3_tls, admin_tls), tasks)
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})

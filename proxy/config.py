@@ -223,6 +223,10 @@ class Config(_Model):
     audit: Audit = Field(default_factory=Audit)
     gc: Gc = Field(default_factory=Gc)
     logging: Logging = Field(default_factory=Logging)
+    workers: int | None = Field(default=None, ge=1, le=256)
+    """S3 worker processes (``serve``); None: the CPUs available to the process."""
+    shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    """On SIGTERM, seconds that requests in flight get to finish (new connections refused)."""
 
     @model_validator(mode="after")
     def _audit_for_admin(self) -> Config:

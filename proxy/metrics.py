@@ -8,6 +8,7 @@ codes, configured rule names.  Object keys and bucket names are never labels.
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
@@ -21,6 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -97,6 +99,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._callbacks: list[CallbackGauge] = []
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_...
         PlatformCollector(registry=r)  # python_info
         self.build_info = Gauge(
@@ -104,12 +107,14 @@ class Metrics:
             "Always 1; the labels name the running cmek-proxy and Python versions.",
             ["version", "python"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(proxy.__version__, platform.python_version()).set(1)
         self.s3_in_flight = Gauge(
             "cmek_s3_requests_in_flight",
             "S3 requests being served now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.backend_request_duration = Histogram(
             "cmek_backend_request_duration_seconds",
@@ -167,6 +172,7 @@ class Metrics:
             "1 if the configured key answered its last call or probe, else 0.",
             ["key"],
             registry=r,
+            multiprocess_mode="livemin",  # with --workers: 0 if any live process saw it fail
         )
         self.s3_request_duration = Histogram(
             "cmek_s3_request_duration_seconds",
@@ -202,12 +208,19 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "cmek_worker_restarts_total",
+            "S3 worker processes started again after they died (serve --workers).",
+            registry=r,
+        )
 
     def gauge_callback(
         self, name: str, documentation: str, labels: Sequence[str], read: Read
     ) -> None:
         """Register a gauge read from ``read()`` (label values -> value) at each scrape."""
-        self.registry.register(CallbackGauge(name, documentation, labels, read))
+        gauge = CallbackGauge(name, documentation, labels, read)
+        self.registry.register(gauge)
+        self._callbacks.append(gauge)
 
     def observe_backend(self, operation: str, status: str, seconds: float) -> None:
         """Record one request to the backend (``status``: the HTTP status or 'unreachable')."""
@@ -227,5 +240,16 @@ class Metrics:
         self.s3_request_duration.labels(operation, str(status)).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        """The scrape body in the Prometheus text format, and its content type."""
+        """The scrape body in the Prometheus text format, and its content type.
+
+        Under ``serve --workers`` (prometheus_client's multiprocess mode, set up by
+        ``proxy.workers``) the values of every process are merged from its directory.
+        """
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+            for gauge in self._callbacks:  # state this (the parent) process owns: jobs, audit
+                merged.register(gauge)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

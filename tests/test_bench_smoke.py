@@ -27,7 +27,7 @@ from benchmarks.sigv4 import SigV4Signer, canonical_query, uri_encode_path
 from benchmarks.targets import counting_relay, kms_requests_total, relay_from_upstream
 
 REPO = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT = 300
+RUN_TIMEOUT = 900  # four targets on two backends; the machine is shared and loaded
 
 # Metrics that must be strictly positive in every row where a target has a value.
 POSITIVE = {
@@ -40,6 +40,8 @@ POSITIVE = {
     "PUT rate",
     "peak RSS (VmHWM)",
     "backend bytes read",
+    "peak RSS per process",
+    "processes",
 }
 
 
@@ -78,6 +80,11 @@ def _expected_keys() -> set[tuple[str, str, str]]:
     keys |= {("list", lp, "full listing"), ("list", lp, "page latency")}
     keys.add(("list (populate)", lp, "PUT rate"))
     keys |= {("process", "whole run", "peak RSS (VmHWM)"), ("process", "whole run", "CPU time")}
+    keys.add(("process", "whole run", "peak RSS per process"))
+    for op in ("PUT", "GET"):
+        keys |= {(f"s5cmd small {op}", "32 x 4 KiB, 32 workers", m) for m in ("rate", "server CPU")}
+    for op in ("upload", "download"):
+        keys |= {(f"s5cmd large {op}", "6 MiB in 5 MiB parts", m) for m in ("throughput",)}
     return keys
 
 
@@ -169,12 +176,21 @@ def test_smoke_direct_and_peer(tmp_path: Path) -> None:
 
 
 def test_smoke_proxy(tmp_path: Path) -> None:
+    """The proxy at --workers 1 and at two workers, every scenario, both backends."""
     pytest.importorskip("proxy.app")
-    doc, md = _run_harness(tmp_path / "out", "--targets", "direct,proxy,peer")
+    doc, md = _run_harness(
+        tmp_path / "out", "--targets", "direct,proxy,proxy-default,peer", "--proxy-workers", "2"
+    )
     assert doc["errors"] == [], doc["errors"]
     for backend in ("rclone-dir", "moto"):
         rows = _rows(doc, backend)
         _check_target(rows, "proxy")
+        _check_target(rows, "proxy-default")
+        procs = rows[("process", "whole run", "processes")]["targets"]
+        # w=2: the parent and two workers (and multiprocessing's resource tracker) are sampled.
+        assert procs["proxy"]["min"] == 1 and procs["proxy-default"]["min"] >= 3, procs
+        default_ratio = rows[("small GET 4 KiB", "c=4", "rate")]["ratios"]["proxy-default/direct"]
+        assert default_ratio is not None and default_ratio > 0
         bytes_row = rows[("range GET 1 KiB", "in 256 KiB, c=1", "backend bytes read")]
         assert bytes_row["targets"]["proxy"]["min"] > 0
         kms = [r for k, r in rows.items() if k[0] == "KMS calls"]
@@ -185,3 +201,5 @@ def test_smoke_proxy(tmp_path: Path) -> None:
     peer_ratio = _rows(doc, "rclone-dir")[("large GET", "1 MiB", "throughput")]["ratios"]
     assert peer_ratio["proxy/peer"] is not None and peer_ratio["proxy/peer"] > 0
     assert "| KMS calls |" in md
+    assert "| direct | proxy w=1 | proxy w=default | peer |" in md
+    assert "w=default = 2" in md

@@ -61,6 +61,7 @@ def proxy_process(
             "envelope_store": "sidecar",
         },
         "encryption": {"default": {"key": f"local://{keyfile}"}},
+        "workers": 1,  # the RSS asserted is the one process that streams the data
     }
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -8,7 +8,7 @@ Rooms, bottom to top (docs/ARCHITECTURE.md draws them):
     3        proxy.layer (the encryption layer)
     4        proxy.control (policy, specs, audit, jobs, admin API)
     5        proxy.s3 (the S3 front end)
-    top      proxy.app, proxy.cli, proxy.devmode, proxy.__main__
+    top      proxy.app, proxy.cli, proxy.devmode, proxy.workers, proxy.loop, proxy.__main__
 
 A module may import its own room and any room of a lower rank; rooms of the same rank do
 not import each other. Imports inside functions count too.
@@ -32,6 +32,8 @@ GROUPS = {
     "cli": "top",
     "devmode": "top",
     "logs": "top",
+    "workers": "top",
+    "loop": "top",
     "__main__": "top",
 }
 """Root modules that form one room together."""

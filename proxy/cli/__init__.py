@@ -7,8 +7,6 @@ documented exit status (``EXIT_*`` below, listed in ``--help``), never a traceba
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
 from collections.abc import Coroutine
 from typing import Any, Final
@@ -81,20 +79,10 @@ def backend_problem(endpoint: str, exc: CmekError) -> CmekError:
 
 
 def run_async(coro: Coroutine[Any, Any, None]) -> None:
-    """Run under uvloop when it is installed (extra "fast"), unless CMEK_PROXY_LOOP=asyncio.
+    """Run on the process's event loop (uvloop when installed, see ``proxy.loop``)."""
+    from proxy.loop import run
 
-    See benchmarks/README.md for what uvloop buys on the small-object path.
-    """
-    if os.environ.get("CMEK_PROXY_LOOP") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass  # uvloop is optional (extra "fast"): fall through to asyncio
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(coro)
-            return
-    asyncio.run(coro)
+    run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

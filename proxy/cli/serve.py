@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import Failed, backend_problem, run_async
+from proxy.cli import Failed, backend_problem, positive_int, run_async
 from proxy.logs import configure as configure_logging
 
 
@@ -18,6 +18,11 @@ def add_parsers(sub: Any) -> None:
         "key is validated (a wrap/unwrap round trip) before the listeners open.",
     )
     s.add_argument("--config", required=True, help="YAML configuration file")
+    s.add_argument(
+        "--workers",
+        type=positive_int,
+        help="S3 worker processes (default: config 'workers', else the CPUs available)",
+    )
     s.set_defaults(func=serve)
 
     d = sub.add_parser(
@@ -50,14 +55,23 @@ def add_parsers(sub: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from proxy.app import start
-    from proxy.backend.client import BackendUnavailable
     from proxy.config import load_config
-    from proxy.devmode import wait_for_signal
+    from proxy.workers import multiprocess_metrics, worker_count
 
     config = load_config(Path(args.config))
     if args.log_format is None:  # the flag wins over logging.format
         configure_logging(config.logging.format, args.log_level)
+    count = worker_count(config, args.workers)
+    if count > 1:
+        with multiprocess_metrics():  # before prometheus_client is first imported
+            from proxy.workers import serve_workers
+
+            run_async(serve_workers(config, count, args.log_level, args.log_format))
+        return
+
+    from proxy.app import start
+    from proxy.backend.client import BackendUnavailable
+    from proxy.devmode import wait_for_signal
 
     async def main() -> None:
         try:

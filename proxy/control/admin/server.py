@@ -6,18 +6,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from proxy.kms.keys import KeyService
 from proxy.metrics import Metrics
+
+WORKERS_READY: web.AppKey[Callable[[], list[str]]] = web.AppKey("workers_ready")
+"""Set by ``serve --workers``: why the host's workers are not all serving (empty: they are)."""
 
 
 def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.Response:
         status = keys.status()
+        workers = request.app.get(WORKERS_READY)
+        down = workers() if workers is not None else []
         # Not ready when a key is revoked (denied) or was never reachable; a KMS that
         # stopped answering leaves the proxy ready while cached keys still serve.
         unavailable = {
@@ -25,8 +32,8 @@ def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
             for uri, s in status.items()
             if s.state in ("revoked", "unknown")
         }
-        body = {
-            "ready": not unavailable,
+        body: dict[str, object] = {
+            "ready": not unavailable and not down,
             "keys": {
                 uri: {
                     "available": s.available,
@@ -37,7 +44,9 @@ def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
                 for uri, s in status.items()
             },
         }
-        return web.json_response(body, status=503 if unavailable else 200)
+        if down:
+            body["workers"] = down
+        return web.json_response(body, status=503 if unavailable or down else 200)
 
     async def metrics_view(_: web.Request) -> web.Response:
         body, ctype = metrics.render()
