@@ -28,7 +28,7 @@ from proxy.cli import (
     build_parser,
 )
 from proxy.config import Config
-from tests.servers import free_port, new_keyfile, proxy_config
+from tests.servers import Server, free_port, new_keyfile, proxy_config
 
 
 def cli(*args: str, prefix: tuple[str, ...] = (), timeout: float = 120) -> tuple[int, str, str]:
@@ -258,3 +258,16 @@ def test_serve_against_an_unreachable_backend(tmp_path: Path, closed_port: int) 
     code, _, err = cli("serve", "--config", str(write_config(cfg, tmp_path / "c.yaml")))
     assert code == EXIT_RUNTIME
     assert_message(err, f"backend {url} unreachable: Cannot connect to host")
+
+
+def test_job_on_a_bucket_that_does_not_exist(moto: Server, tmp_path: Path) -> None:
+    cfg = write_config(proxy_config(moto.url, new_keyfile(tmp_path / "k.json")), tmp_path / "c")
+    code, _, err = cli("job", "verify", "--config", str(cfg), "--bucket", "no-such-bucket-x")
+    assert code == EXIT_RUNTIME
+    assert_message(err, "NoSuchBucket")
+
+
+def test_admin_with_a_url_that_is_not_one() -> None:
+    code, _, err = cli("admin", "--url", "not-a-url", "--token", "t", "list")
+    assert code == EXIT_RUNTIME
+    assert_message(err, "admin API at not-a-url")
