@@ -28,7 +28,7 @@ from proxy.cli import (
     build_parser,
 )
 from proxy.config import Config
-from tests.servers import free_port, new_keyfile, proxy_config
+from tests.servers import Server, free_port, new_keyfile, proxy_config
 
 
 def cli(*args: str, prefix: tuple[str, ...] = (), timeout: float = 120) -> tuple[int, str, str]:
@@ -248,7 +248,6 @@ def test_help_has_no_restructured_text_and_every_option_has_help() -> None:
         assert f"\n  {code} " in epilog
 
 
-
 def test_serve_against_an_unreachable_backend(tmp_path: Path, closed_port: int) -> None:
     """With a control bucket the specs are read before listening: the start stops, naming
     the backend and the network's reason."""
@@ -258,3 +257,36 @@ def test_serve_against_an_unreachable_backend(tmp_path: Path, closed_port: int) 
     code, _, err = cli("serve", "--config", str(write_config(cfg, tmp_path / "c.yaml")))
     assert code == EXIT_RUNTIME
     assert_message(err, f"backend {url} unreachable: Cannot connect to host")
+
+
+def test_job_on_a_bucket_that_does_not_exist(moto: Server, tmp_path: Path) -> None:
+    cfg = write_config(proxy_config(moto.url, new_keyfile(tmp_path / "k.json")), tmp_path / "c")
+    code, _, err = cli("job", "verify", "--config", str(cfg), "--bucket", "no-such-bucket-x")
+    assert code == EXIT_RUNTIME
+    assert_message(err, "NoSuchBucket")
+
+
+def test_admin_with_a_url_that_is_not_one() -> None:
+    code, _, err = cli("admin", "--url", "not-a-url", "--token", "t", "list")
+    assert code == EXIT_RUNTIME
+    assert_message(err, "admin API at not-a-url")
+
+
+@pytest.mark.parametrize("args", [["--port", "70000"], ["--admin-port", "-1"], ["--port", "x"]])
+def test_dev_with_a_port_that_is_not_one(tmp_path: Path, args: list[str]) -> None:
+    code, _, err = cli("dev", *args, "--data-dir", str(tmp_path / "d"))
+    assert code == EXIT_USAGE
+    assert_message(err, args[0])
+
+
+def test_keygen_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    code, _, err = cli("keygen", str(tmp_path / "f" / "k.json"))
+    assert code == EXIT_KEY
+    assert_message(err, f"{tmp_path / 'f'} is not a directory")
+
+
+def test_job_with_an_empty_bucket_name() -> None:
+    code, _, err = cli("job", "verify", "--config", "c", "--bucket", "")
+    assert code == EXIT_USAGE
+    assert_message(err, "--bucket: must not be empty")

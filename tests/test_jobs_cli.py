@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,34 @@ def test_ctrl_c_prints_partial_summary_and_how_to_resume(
     assert out2["outcomes"]["already"] >= 1
     assert out2["outcomes"]["already"] + out2["outcomes"]["encrypted"] == 60, out2
     assert _audit(config)[-1]["event"] == "job.finished"
+
+
+def test_a_job_in_the_proxy_is_recorded_interrupted_when_the_proxy_stops(
+    moto: Server, direct: Any, tmp_path: Path, many_plain: str
+) -> None:
+    bucket = many_plain
+    token = "admin-token-" + os.urandom(8).hex()
+    config = proxy_config(
+        moto.url,
+        new_keyfile(tmp_path / "k.json"),
+        admin={"host": "127.0.0.1", "port": 0, "token": token},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
+    with ProxyThread(config) as p:
+        req = urllib.request.Request(
+            f"{p.admin}/v1/buckets/{bucket}/jobs",
+            data=json.dumps({"job": "encrypt-existing", "concurrency": 1}).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200
+
+        def two_done() -> bool:
+            meta = direct.head_object(Bucket=bucket, Key="data/001")["Metadata"]
+            return any(k.startswith("cmek-") for k in meta)
+
+        wait_until(two_done, 120, "two objects encrypted")
+    events = [e for e in _audit(config) if e["event"].startswith("job.")]
+    assert [e["event"] for e in events] == ["job.started", "job.interrupted"], events
+    assert 1 <= events[-1]["objects"] < 60

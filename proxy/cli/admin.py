@@ -55,6 +55,8 @@ def admin(args: argparse.Namespace) -> None:
     token = args.token or os.environ.get("CMEK_ADMIN_TOKEN")
     if not url or not token:
         raise CmekError("give --url and --token (or CMEK_ADMIN_URL and CMEK_ADMIN_TOKEN)")
+    if not url.startswith(("http://", "https://")):
+        raise CmekError(f"admin API at {url}: the URL must start with http:// or https://")
     body: dict[str, Any] | None = None
     method = "GET"
     if args.admin_command == "init":

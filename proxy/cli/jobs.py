@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from proxy.cli import EXIT_INTERRUPTED, Failed, backend_problem, fraction, positive_int, run_async
+from proxy.cli import (
+    EXIT_INTERRUPTED,
+    Failed,
+    backend_problem,
+    fraction,
+    nonempty,
+    positive_int,
+    run_async,
+)
 
 JOB_HELP: Final = {
     "rewrap": "move objects to another key (only the sealed keys change)",
@@ -60,7 +68,7 @@ def add_parser(sub: Any) -> None:
 
 def add_job_flags(p: argparse.ArgumentParser, job: str | None) -> None:
     """The flags of a job; ``job`` None: all of them (checked later by ``check_job_flags``)."""
-    p.add_argument("--bucket", required=True, help="bucket to run the job on")
+    p.add_argument("--bucket", required=True, type=nonempty, help="bucket to run the job on")
     p.add_argument("--prefix", default="", help="only keys under this prefix")
     p.add_argument(
         "--dry-run",

@@ -29,6 +29,11 @@ def keygen(args: argparse.Namespace) -> None:
     from proxy.kms.local import create_key_file, rotate_key_file
 
     path = Path(args.path).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KeyConfigError(f"cannot create {path}: {parent} is not a directory")
+            break
     if args.rotate:
         kf = rotate_key_file(path)
         print(f"{path}: new primary key {kf.primary!r} ({len(kf.keys)} keys)")

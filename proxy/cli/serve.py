@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from proxy.cli import Failed, backend_problem, positive_int, run_async
+from proxy.cli import Failed, backend_problem, port, positive_int, run_async
 from proxy.logs import configure as configure_logging
 
 
@@ -32,8 +32,8 @@ def add_parsers(sub: Any) -> None:
         "with a local key file and the admin API; writes the client environment, the admin "
         "token and a config file for jobs to the data directory.",
     )
-    d.add_argument("--port", type=int, default=8080, help="S3 port (default 8080)")
-    d.add_argument("--admin-port", type=int, default=8081, help="admin port (default 8081)")
+    d.add_argument("--port", type=port, default=8080, help="S3 port (default 8080)")
+    d.add_argument("--admin-port", type=port, default=8081, help="admin port (default 8081)")
     d.add_argument("--data-dir", default=".cmek-dev", help="state directory (default .cmek-dev)")
     d.add_argument(
         "--tls",
