@@ -25,10 +25,12 @@ from proxy.control.admin.server import make_admin_app
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JobContext
 from proxy.control.policy import Policy
-from proxy.control.specs import SpecStore
+from proxy.control.specs import NotLoadedPolicy, SpecStore
+from proxy.errors import S3Error
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
+from proxy.kms.startup import StartKey, validate_at_start
 from proxy.layer.envelopes import EnvelopeStore, make_store
 from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
@@ -90,7 +92,7 @@ def build(
     )
     handlers = S3Handlers(objects, backend, auth)
     s3_app = make_s3_app(handlers, metrics, virtual_host_domain=config.virtual_host_domain)
-    admin_app = make_admin_app(metrics, keys)
+    admin_app = make_admin_app(metrics, keys, lambda: _not_ready(specs))
     s3_app[KEYS] = keys
     s3_app[METRICS] = metrics
 
@@ -98,29 +100,6 @@ def build(
         await session.close()
         for c in clients:
             await c.close()
-
-    async def resources(_: web.Application) -> AsyncIterator[None]:
-        validated = False
-        try:
-            if validate_keys:
-                for uri in config.key_uris():
-                    loc = _location_for(config, uri)
-                    await keys.validate(uri, loc)
-                    log.info("key validated: %s", uri)
-            validated = True
-        finally:
-            if not validated:  # a failed start closes what build() opened
-                await close_resources()
-        prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
-        try:
-            yield
-        finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prober
-            await close_resources()
-
-    s3_app.cleanup_ctx.append(resources)
 
     # Encryption specs from the admin API: read before listening, then polled; the data
     # path's policy is replaced whole when they change.
@@ -140,20 +119,60 @@ def build(
         api = AdminApi(config.admin.token, specs, keys, audit, jobs)
         api.register(admin_app)
 
-    async def spec_store(_: web.Application) -> AsyncIterator[None]:
-        await specs.refresh()
+    async def resources(_: web.Application) -> AsyncIterator[None]:
+        started = False
+        try:
+            await _read_specs(specs, objects)
+            if validate_keys:
+                await validate_at_start(keys, _start_keys(config, specs), config.kms.start_timeout)
+            started = True
+        finally:
+            if not started:  # a failed start closes what build() opened
+                await close_resources()
+        prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
         poller = asyncio.create_task(specs.run_poller())
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in (poller, prober):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if api is not None:
                 await api.close()
+            await close_resources()
 
-    s3_app.cleanup_ctx.append(spec_store)
+    s3_app.cleanup_ctx.append(resources)
     return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
+
+
+def _not_ready(specs: SpecStore) -> dict[str, str]:
+    if specs.loaded:
+        return {}
+    return {"specs": f"encryption specs not yet read from the backend: {specs.load_error}"}
+
+
+async def _read_specs(specs: SpecStore, objects: ObjectLayer) -> None:
+    """Read the spec store once; a backend not reachable yet does not stop the start: the
+    data path answers 503 (``NotLoadedPolicy``) until the poller's first successful read."""
+    try:
+        await specs.refresh()
+    except S3Error as exc:
+        specs.load_error = str(exc)
+        objects.policy = NotLoadedPolicy(str(exc))
+        log.warning("could not read the encryption specs at start, starting anyway: %s", exc)
+
+
+def _start_keys(config: Config, specs: SpecStore) -> list[StartKey]:
+    """Configuration keys (a definitive failure stops the start), then API-spec keys."""
+    out = [StartKey(uri, _location_for(config, uri), True) for uri in config.key_uris()]
+    seen = {k.uri for k in out}
+    for record in specs.records():
+        uri = record.rule.key
+        if record.source == "api" and uri is not None and uri not in seen:
+            seen.add(uri)
+            out.append(StartKey(uri, record.rule.location, False))
+    return out
 
 
 def _location_for(config: Config, uri: str) -> str | None:

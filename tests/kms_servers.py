@@ -273,7 +273,9 @@ class ErrorFront:
                 headers={"Content-Type": resp.headers.get("Content-Type", "application/json")},
             )
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1:<port> (0: ephemeral); ``start(front.port)`` after ``stop()``
+        brings a stopped front back on its old address."""
         self._thread.start()
 
         async def up() -> int:
@@ -282,7 +284,7 @@ class ErrorFront:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()
             self._runner = runner
             server: Any = site._server
@@ -291,11 +293,16 @@ class ErrorFront:
         self.port = self._thread.run(up())
 
     def stop(self) -> None:
+        if self._runner is None:
+            return  # already stopped
+
         async def down() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+                self._runner = None
             if self._session is not None:
                 await self._session.close()
+                self._session = None
 
         self._thread.run(down())
         self._thread.stop()

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.config import Config, EncryptionRule
-from proxy.control.policy import Policy
+from proxy.control.policy import Decision, Policy
 from proxy.errors import ConfigError, S3Error
 from proxy.wire.xmldoc import parse_backend
 
@@ -113,6 +113,36 @@ class SpecRecord:
         )
 
 
+class NotLoadedPolicy:
+    """The data path's policy until the spec store has been read once (backend unreachable
+    at start): every object decision answers 503, so no write goes out under a policy
+    that lacks the API specs."""
+
+    strict = True
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _unavailable(self) -> S3Error:
+        return S3Error(
+            "ServiceUnavailable",
+            "the proxy has not yet read its encryption specs from the backend; retry",
+            503,
+        )
+
+    def decide(self, bucket: str, key: str, headers: Mapping[str, str] | None = None) -> Decision:
+        raise self._unavailable()
+
+    def may_be_encrypted(
+        self,
+        bucket: str,
+        key: str,
+        last_modified: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        raise self._unavailable()
+
+
 class ConcurrentChange(S3Error):
     """The spec changed in the store since this replica read it."""
 
@@ -138,9 +168,13 @@ class SpecStore:
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     policy: Policy = field(init=False)
+    loaded: bool = field(init=False)
+    """Whether the store has been read (always, without a control bucket)."""
+    load_error: str = ""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.config.encryption)
+        self.loaded = self.control_bucket is None
 
     @property
     def control_bucket(self) -> str | None:
@@ -172,7 +206,7 @@ class SpecStore:
         async with self._lock:
             listed = await self._list(bucket, SPEC_PREFIX)
             if listed is None:
-                return False
+                return self._mark_loaded()
             fresh: dict[str, _Entry] = {}
             known = {e.etag: (n, e) for n, e in self._entries.items()}
             for obj, etag in listed.items():
@@ -194,7 +228,16 @@ class SpecStore:
             }
             if changed:
                 self._install(fresh)
-            return changed
+            return self._mark_loaded() or changed
+
+    def _mark_loaded(self) -> bool:
+        """Record the first successful read; True if the data path's policy must be set."""
+        if self.loaded:
+            return False
+        self.loaded = True
+        self.load_error = ""
+        self.on_policy(self.policy)
+        return True
 
     def _install(self, entries: dict[str, _Entry]) -> None:
         self._entries = entries
@@ -215,6 +258,8 @@ class SpecStore:
                 if await self.refresh():
                     log.info("encryption specs changed in the store; policy replaced")
             except S3Error as exc:
+                if not self.loaded:
+                    self.load_error = str(exc)
                 log.warning("could not read the spec store: %s", exc)
 
     # ----------------------------------------------------------------- write

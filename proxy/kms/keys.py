@@ -56,7 +56,9 @@ VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
 PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
 
 EventKind = Literal["revoked", "restored", "unreachable"]
-KeyState = Literal["unknown", "available", "revoked", "unreachable"]
+KeyState = Literal["unknown", "pending", "available", "revoked", "unreachable"]
+"""``pending``: not yet validated - the KMS could not be reached at start (or the key was
+never answered for); not ready until a probe or request succeeds."""
 # which side of a key a call used: a key may allow encrypt but deny decrypt
 _Op = Literal["encrypt", "decrypt", "round_trip"]
 
@@ -384,10 +386,25 @@ class KeyService:
             return
         self._set_health(kek_uri, "available", "ok")
 
+    def mark_refused(self, kek_uri: str, reason: str) -> None:
+        """A key that failed validation definitively but must not stop the start."""
+        self._drop(kek_uri, "denied")
+        self._set_health(kek_uri, "revoked", reason)
+
+    def mark_pending(self, kek_uri: str, reason: str) -> None:
+        """A key that could not be validated (KMS unreachable): not ready until it answers."""
+        h = self._health.get(kek_uri)
+        if h is None or h.state in ("unknown", "unreachable", "pending"):
+            self._set_health(kek_uri, "pending", reason)
+
     def _set_health(
         self, kek_uri: str, state: KeyState, reason: str, *, denied_op: _Op | None = None
     ) -> None:
         h = self._health.get(kek_uri)
+        if h is not None and h.state == "pending" and state == "unreachable":
+            # still never validated: stays pending (not ready), with the latest reason
+            h.reason = f"not yet validated: {reason}"
+            return
         if h is not None and h.state == state:
             # ``denied_op`` stays that of the call that revoked the key, so that a key
             # still allowing one side (say encrypt) does not flap revoked/restored
@@ -402,10 +419,10 @@ class KeyService:
         if state == "revoked":
             kind = "revoked"
             log.warning("key %s is unavailable: %s", kek_uri, reason)
-        elif state == "unreachable":
+        elif state in ("unreachable", "pending"):
             kind = "unreachable"
             log.warning("key %s is unreachable: %s", kek_uri, reason)
-        elif state == "available" and previous in ("revoked", "unreachable"):
+        elif state == "available" and previous in ("revoked", "unreachable", "pending"):
             kind = "restored"
             log.info("key %s is available again", kek_uri)
         else:

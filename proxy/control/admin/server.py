@@ -6,27 +6,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from proxy.kms.keys import KeyService
 from proxy.metrics import Metrics
 
 
-def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
+def make_admin_app(
+    metrics: Metrics,
+    keys: KeyService,
+    not_ready: Callable[[], dict[str, str]] = dict,
+) -> web.Application:
+    """``not_ready``: other reasons not to be ready (name -> reason), e.g. specs unread."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         status = keys.status()
-        # Not ready when a key is revoked (denied) or was never reachable; a KMS that
-        # stopped answering leaves the proxy ready while cached keys still serve.
+        # Not ready when a key is revoked (denied), not yet validated (its KMS was
+        # unreachable at start) or never used; a KMS that stopped answering after the key
+        # was validated leaves the proxy ready while cached keys still serve.
         unavailable = {
             uri: {"state": s.state, "reason": s.reason}
             for uri, s in status.items()
-            if s.state in ("revoked", "unknown")
+            if s.state in ("revoked", "unknown", "pending")
         }
-        body = {
-            "ready": not unavailable,
+        others = not_ready()
+        ready = not unavailable and not others
+        body: dict[str, object] = {
+            "ready": ready,
             "keys": {
                 uri: {
                     "available": s.available,
@@ -37,7 +48,9 @@ def make_admin_app(metrics: Metrics, keys: KeyService) -> web.Application:
                 for uri, s in status.items()
             },
         }
-        return web.json_response(body, status=503 if unavailable else 200)
+        if others:
+            body["not_ready"] = others
+        return web.json_response(body, status=200 if ready else 503)
 
     async def metrics_view(_: web.Request) -> web.Response:
         body, ctype = metrics.render()
