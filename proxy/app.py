@@ -74,6 +74,7 @@ def build(
         metrics,
         ttl=config.kms.cache_ttl,
         max_entries=config.kms.cache_entries,
+        negative_ttl=config.kms.negative_ttl,
         on_event=audit.key_event if audit is not None else None,
     )
     for uri in config.key_uris():

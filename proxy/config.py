@@ -76,6 +76,9 @@ class Kms(_Model):
     probe_interval: float = Field(default=30.0, gt=0)
     timeout: float = Field(default=5.0, gt=0)
     retries: int = Field(default=3, ge=0, le=10)
+    negative_ttl: float = Field(default=5.0, ge=0, le=60)
+    """Seconds a denied generate / unwrap is remembered per (key, bucket) / wrapped key, so
+    retries against a revoked key do not reach the KMS; 0 disables. Hard cap 60 s."""
     start_timeout: float = Field(default=30.0, gt=0, le=600)
     """Seconds start waits for a key's validation before marking it pending and listening."""
     providers: list[Literal["aws-kms", "gcp-kms", "azure-kv", "vault-transit"]] = Field(

@@ -43,7 +43,7 @@ from typing import Final, Literal, TypeVar
 from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
 from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
 from proxy.kms.breaker import BreakerKek, CircuitBreaker
-from proxy.kms.cache import TtlCache, single_flight
+from proxy.kms.cache import Denial, TtlCache, single_flight
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
 
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 MAX_TTL: Final = 3600.0
 """Hard cap on how long key material may stay cached (seconds)."""
+
+MAX_NEGATIVE_TTL: Final = 60.0
+"""Hard cap on how long a denial is remembered (seconds)."""
 
 VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
 PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
@@ -111,6 +114,7 @@ class KeyService:
         breaker_failure_threshold: int = 5,
         breaker_reset_timeout: float = 10.0,
         probe_timeout: float = 30.0,
+        negative_ttl: float = 5.0,
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"key cache ttl must be > 0 seconds, got {ttl}")
@@ -120,6 +124,10 @@ class KeyService:
             raise ValueError(f"key cache max_entries must be at least 1, got {max_entries}")
         if not probe_timeout > 0:
             raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        if not 0 <= negative_ttl <= MAX_NEGATIVE_TTL:
+            raise ValueError(
+                f"negative_ttl must be within 0..{MAX_NEGATIVE_TTL:.0f} seconds, got {negative_ttl}"
+            )
         self._resolve = resolve
         self._metrics = metrics
         self._clock = clock
@@ -144,6 +152,24 @@ class KeyService:
             clock=clock,
             evictions=metrics.key_cache_evictions,
         )
+        # denials remembered for ``negative_ttl`` (0: off): a client retrying against a
+        # revoked key costs the KMS at most one call per period per (key, bucket) / wrapped key
+        self._negative_ttl = negative_ttl
+        self._denied_writes: TtlCache[str, Denial] = TtlCache(
+            "denied_write",
+            ttl=max(negative_ttl, 1e-9),
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._denied_reads: TtlCache[tuple[bytes, str], Denial] = TtlCache(
+            "denied_read",
+            ttl=max(negative_ttl, 1e-9),
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._negative_hits = {k: metrics.key_negative_hits.labels(k) for k in ("write", "read")}
         self._write_flights: dict[tuple[str, str], asyncio.Task[DataKey]] = {}
         self._read_flights: dict[tuple[str, tuple[bytes, str]], asyncio.Task[bytes]] = {}
         # bumped whenever a key's material is dropped; an in-flight call that started
@@ -181,6 +207,10 @@ class KeyService:
             self._hits["write"].inc()
             return dk
         self._misses["write"].inc()
+        denial = self._denied_writes.get(key)
+        if denial is not None:
+            self._negative_hits["write"].inc()
+            raise denial.error(kek_uri)
         return await single_flight(
             self._write_flights, key, lambda: self._fetch_write(kek_uri, bucket)
         )
@@ -188,7 +218,14 @@ class KeyService:
     async def _fetch_write(self, kek_uri: str, bucket: str) -> DataKey:
         kek = self.kek(kek_uri)
         epoch = self._epoch(kek_uri)
-        dk = await self._call(kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket}))
+        try:
+            dk = await self._call(
+                kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket})
+            )
+        except KeyUnavailableError as exc:
+            if self._negative_ttl > 0:
+                self._denied_writes.put((kek_uri, bucket), Denial.of(exc))
+            raise
         if len(dk.plaintext) != DATA_KEY_BYTES:
             raise KmsError(
                 f"{kek.provider} returned a {len(dk.plaintext)}-byte data key for {kek_uri}, "
@@ -209,6 +246,10 @@ class KeyService:
             self._hits["read"].inc()
             return plaintext
         self._misses["read"].inc()
+        denial = self._denied_reads.get(key)
+        if denial is not None:
+            self._negative_hits["read"].inc()
+            raise denial.error(kek_uri)
         return await single_flight(
             self._read_flights, key, lambda: self._fetch_read(kek_uri, wrapped, bucket)
         )
@@ -216,9 +257,14 @@ class KeyService:
     async def _fetch_read(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
         kek = self.kek(kek_uri)
         epoch = self._epoch(kek_uri)
-        plaintext = await self._call(
-            kek_uri, epoch, "decrypt", kek.unwrap(wrapped, {"bucket": bucket})
-        )
+        try:
+            plaintext = await self._call(
+                kek_uri, epoch, "decrypt", kek.unwrap(wrapped, {"bucket": bucket})
+            )
+        except KeyUnavailableError as exc:
+            if self._negative_ttl > 0:
+                self._denied_reads.put((kek_uri, (wrapped, bucket)), Denial.of(exc))
+            raise
         if self._epoch(kek_uri) == epoch:
             self._reads.put((kek_uri, (wrapped, bucket)), plaintext)
         return plaintext
@@ -372,6 +418,9 @@ class KeyService:
         self._set_health(kek_uri, "revoked", reason, denied_op=op)
 
     def _succeeded(self, kek_uri: str, op: _Op) -> None:
+        if op == "round_trip":  # a probe or validation that succeeded clears remembered denials
+            self._denied_writes.drop_uri(kek_uri, "dropped")
+            self._denied_reads.drop_uri(kek_uri, "dropped")
         h = self._health.get(kek_uri)
         if h is not None and h.state == "available":
             return

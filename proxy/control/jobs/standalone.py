@@ -38,6 +38,7 @@ async def run_standalone(
         Metrics(),
         ttl=config.kms.cache_ttl,
         max_entries=config.kms.cache_entries,
+        negative_ttl=config.kms.negative_ttl,
         on_event=audit.key_event if audit is not None else None,
     )
     session = BackendClient.make_session(config.backend)
