@@ -121,6 +121,7 @@ def build(
         api.register(admin_app)
 
     async def resources(_: web.Application) -> AsyncIterator[None]:
+        _announce_key_policy(config, audit)
         started = False
         try:
             await _read_specs(specs, objects)
@@ -147,6 +148,27 @@ def build(
     return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
 
 
+def _announce_key_policy(config: Config, audit: AuditLog | None) -> None:
+    """Log (and audit) the key policy in force, and what it still lets through unencrypted."""
+    enc = config.encryption
+    ttl = enc.unencrypted_ttl
+    fields = {
+        "allowed_keys": list(config.kms.allowed_keys),
+        "require_cmek": enc.require_cmek,
+        "unencrypted_paths": list(enc.unencrypted_paths),
+        "unencrypted_ttl": ttl.model_dump(mode="json") if ttl is not None else None,
+    }
+    log.info("key policy: %s", fields)
+    if enc.require_cmek and (enc.unencrypted_paths or ttl is not None):
+        log.warning(
+            "require_cmek is on; still stored as sent: unencrypted_paths %s, unencrypted_ttl %s",
+            enc.unencrypted_paths,
+            fields["unencrypted_ttl"],
+        )
+    if audit is not None:
+        audit.append("policy.loaded", **fields)
+
+
 def _not_ready(specs: SpecStore) -> dict[str, str]:
     if specs.loaded:
         return {}
@@ -168,8 +190,11 @@ def _start_keys(config: Config, specs: SpecStore) -> list[StartKey]:
     """Configuration keys (a definitive failure stops the start), then API-spec keys."""
     out = [StartKey(uri, _location_for(config, uri), True) for uri in config.key_uris()]
     seen = {k.uri for k in out}
+    refused = specs.policy.refused()
     for record in specs.records():
         uri = record.rule.key
+        if record.name in refused:
+            continue  # outside the key policy: never called
         if record.source == "api" and uri is not None and uri not in seen:
             seen.add(uri)
             out.append(StartKey(uri, record.rule.location, False))

@@ -11,8 +11,10 @@ A bad configuration raises ``ConfigError`` whose message names the field
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +86,22 @@ class Kms(_Model):
     providers: list[Literal["aws-kms", "gcp-kms", "azure-kv", "vault-transit"]] = Field(
         default_factory=list
     )
+    allowed_keys: list[str] = Field(default_factory=list)
+    """Patterns of the key URIs that may be used (empty: any). ``*`` matches any run of
+    characters except ``:`` (so an AWS account or a GCP project stays pinned), ``**`` any
+    run, ``?`` one character except ``:``: ``aws-kms://arn:aws:kms:*:111122223333:key/*``,
+    ``gcp-kms://projects/acme-keys/*``. The configuration, InitializeEncryptionSpec, API
+    specs read from the store and rewrap targets are refused outside them."""
+
+    @field_validator("allowed_keys")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            scheme, sep, rest = pattern.partition("://")
+            if not sep or not scheme or "*" in scheme or not rest:
+                raise ValueError(f"{pattern!r} must be <scheme>://<pattern>, e.g. gcp-kms://...")
+        return v
+
     """Providers to load besides those the configured key URIs need: keys named only by
     specs made through the admin API need their provider loaded at start."""
 
@@ -138,6 +156,9 @@ class Encryption(_Model):
     """Optional rule: objects whose TTL header is under a threshold are stored as sent."""
     strict: bool = False
     """Refuse to serve objects that are stored unencrypted on encrypted paths."""
+    require_cmek: bool = False
+    """Refuse passthrough specs and a passthrough default (config and admin API); the
+    ``unencrypted_paths`` and ``unencrypted_ttl`` rules stay allowed (listed at start)."""
 
 
 class Specs(_Model):
@@ -182,6 +203,20 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _key_policy(self) -> Config:
+        problems: list[str] = []
+        rules = [("encryption.default", self.encryption.default)] + [
+            (f"encryption.buckets.{name}", rule) for name, rule in self.encryption.buckets.items()
+        ]
+        for where, rule in rules:
+            problem = rule_refusal(self, rule)
+            if problem:
+                problems.append(f"{where}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def audit_path(self) -> Path | None:
         if self.audit.path is not None:
             return self.audit.path
@@ -195,6 +230,44 @@ class Config(_Model):
         if isinstance(d, EncryptionRule) and d.key:
             uris.append(d.key)
         return sorted(set(uris))
+
+
+@lru_cache(maxsize=256)
+def _key_pattern(pattern: str) -> re.Pattern[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^:]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^:]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def key_refusal(config: Config, key_uri: str) -> str | None:
+    """Why ``kms.allowed_keys`` refuses a key URI (a message naming the rule), or None."""
+    patterns = config.kms.allowed_keys
+    if not patterns or any(_key_pattern(p).match(key_uri) for p in patterns):
+        return None
+    return f"key {key_uri} is not allowed by kms.allowed_keys {patterns}"
+
+
+def rule_refusal(config: Config, rule: EncryptionRule | str) -> str | None:
+    """Why the key policy refuses a spec (``allowed_keys``, ``require_cmek``), or None."""
+    passthrough = rule == "passthrough" or (isinstance(rule, EncryptionRule) and rule.passthrough)
+    if passthrough and config.encryption.require_cmek:
+        return "passthrough is refused by encryption.require_cmek: true"
+    if isinstance(rule, EncryptionRule) and rule.key is not None:
+        return key_refusal(config, rule.key)
+    return None
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
-from proxy.config import Config, EncryptionRule
+from proxy.config import Config, EncryptionRule, rule_refusal
 from proxy.control.policy import Decision, Policy
 from proxy.errors import ConfigError, S3Error
 from proxy.wire.xmldoc import parse_backend
@@ -241,11 +241,18 @@ class SpecStore:
 
     def _install(self, entries: dict[str, _Entry]) -> None:
         self._entries = entries
-        for e in entries.values():
-            if e.record.rule.key:
+        refused = {
+            n: reason
+            for n, e in entries.items()
+            if (reason := rule_refusal(self.config, e.record.rule)) is not None
+        }
+        for n, e in entries.items():
+            if e.record.rule.key and n not in refused:  # a refused key is never called
                 self.on_key(e.record.rule.key)
+        for n, reason in refused.items():
+            log.error("API encryption spec %s is refused by the key policy: %s", n, reason)
         self.policy = Policy(self.config.encryption).with_specs(
-            {n: e.record.rule for n, e in entries.items()}
+            {n: e.record.rule for n, e in entries.items()}, refused
         )
         self.on_policy(self.policy)
 
@@ -281,10 +288,14 @@ class SpecStore:
         async with self._lock:
             previous = self.get(name)
             now = datetime.now(UTC)
-            before = self.policy.decide(bucket, prefix or "")
+            before: Decision | None
+            try:
+                before = self.policy.decide(bucket, prefix or "")
+            except S3Error:  # the spec in force is refused by the key policy
+                before = None
             since: datetime | None = None
             if rule.key is not None:
-                if before.encrypt:
+                if before is not None and before.encrypt:
                     since = (
                         datetime.fromtimestamp(before.encrypted_since, UTC)
                         if before.encrypted_since is not None

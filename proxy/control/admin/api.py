@@ -38,7 +38,7 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.config import EncryptionRule
+from proxy.config import EncryptionRule, key_refusal, rule_refusal
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JOBS, JobContext, JobOptions, JobProgress
 from proxy.control.specs import SpecStore, new_operation_id, spec_name, utc_iso
@@ -220,6 +220,15 @@ class AdminApi:
                 "FAILED_PRECONDITION",
                 "specs.control_bucket is not configured: specs can only come from the config",
             )
+        refusal = rule_refusal(self.specs.config, rule)
+        if refusal is not None:
+            self.audit.append(
+                "spec.refused",
+                spec=spec_name(bucket, prefix),
+                new=_spec_json(rule),
+                reason=refusal,
+            )
+            return error_response("FAILED_PRECONDITION", refusal, encryption_spec=_spec_json(rule))
         op = Operation(
             new_operation_id(),
             "initializeEncryptionSpec",
@@ -375,6 +384,11 @@ class AdminApi:
             )
         except (TypeError, ValueError) as exc:
             return error_response("INVALID_ARGUMENT", str(exc))
+        if opts.target_key is not None:
+            refusal = key_refusal(self.specs.config, str(opts.target_key))
+            if refusal is not None:
+                self.audit.append("job.refused", job=kind, bucket=bucket, reason=refusal)
+                return error_response("FAILED_PRECONDITION", refusal)
         progress = JobProgress(kind, opts)
         op = Operation(
             new_operation_id(),

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.backend.client import BackendClient
-from proxy.config import Config
+from proxy.config import Config, key_refusal
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JOBS
 from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
 from proxy.control.specs import SpecStore
+from proxy.errors import ConfigError
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
@@ -30,6 +31,10 @@ async def run_standalone(
 ) -> JobProgress:
     if kind not in JOBS:
         raise ValueError(f"unknown job {kind!r}")
+    if opts.target_key is not None:
+        refusal = key_refusal(config, opts.target_key)
+        if refusal is not None:
+            raise ConfigError(refusal)
     clients = list(kms_clients) if kms_clients is not None else make_kms_clients(config)
     audit_path = config.audit_path()
     audit = AuditLog(audit_path) if audit_path is not None else None
