@@ -71,6 +71,44 @@ class Backend(_Model):
         return v.rstrip("/")
 
 
+class VaultAuthConfig(_Model):
+    """How the Transit provider logs in (see ``proxy/kms/vault_auth.py``)."""
+
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    mount: str | None = None
+    """The auth method's mount path; default ``approle`` / ``kubernetes``."""
+    token: str | None = None
+    token_file: Path | None = None
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id: str | None = None
+    """Prefer ``secret_id_file`` or ``CMEK_PROXY__KMS__VAULT__AUTH__SECRET_ID``."""
+    secret_id_file: Path | None = None
+    role: str | None = None
+    """Kubernetes auth role."""
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuthConfig:
+        if self.method == "approle" and not (self.role_id or self.role_id_file):
+            raise ValueError("approle needs role_id or role_id_file")
+        if self.method == "kubernetes" and not self.role:
+            raise ValueError("kubernetes needs role")
+        return self
+
+
+class VaultConfig(_Model):
+    """Vault / OpenBao Transit: transport, namespace and login."""
+
+    tls: bool = True
+    """HTTPS (verified); false only for a local dev server over plain HTTP."""
+    ca_file: Path | None = None
+    """PEM CA bundle to verify the server with, instead of the system trust store."""
+    namespace: str | None = None
+    """Sent as ``X-Vault-Namespace`` (Vault Enterprise / OpenBao namespaces)."""
+    auth: VaultAuthConfig = Field(default_factory=VaultAuthConfig)
+
+
 class Kms(_Model):
     cache_ttl: float = Field(default=300.0, gt=0, le=MAX_CACHE_TTL)
     """Seconds an unwrapped key may be used; the revocation delay. Hard cap 1 hour."""
@@ -86,6 +124,7 @@ class Kms(_Model):
     providers: list[Literal["aws-kms", "gcp-kms", "azure-kv", "vault-transit"]] = Field(
         default_factory=list
     )
+    vault: VaultConfig = Field(default_factory=VaultConfig)
     allowed_keys: list[str] = Field(default_factory=list)
     """Patterns of the key URIs that may be used (empty: any). ``*`` matches any run of
     characters except ``:`` (so an AWS account or a GCP project stays pinned), ``**`` any

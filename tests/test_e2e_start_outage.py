@@ -61,7 +61,7 @@ class Down:
 
     key_uri: str
     clients: Factory
-    up: Callable[[], None]
+    up: Callable[[], object]
 
 
 def _with_local(factory: Factory) -> Factory:

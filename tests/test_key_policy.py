@@ -109,11 +109,17 @@ def test_strict_replica_refuses_specs_outside_the_policy(
     )
     with ProxyThread(loose) as a:
         ca = a.client()
-        for b in (enc_bucket, plain_bucket):
-            ca.create_bucket(Bucket=b)
-        for b, spec in ((enc_bucket, {"kms_key": foreign}), (plain_bucket, {"passthrough": True})):
+        for name in (enc_bucket, plain_bucket):
+            ca.create_bucket(Bucket=name)
+        for name, spec in (
+            (enc_bucket, {"kms_key": foreign}),
+            (plain_bucket, {"passthrough": True}),
+        ):
             r = call(
-                a, "POST", f"/v1/buckets/{b}/encryptionSpec:initialize", {"encryption_spec": spec}
+                a,
+                "POST",
+                f"/v1/buckets/{name}/encryptionSpec:initialize",
+                {"encryption_spec": spec},
             )
             assert r.status_code == 200
             assert "error" not in wait_op(a, r.json()["name"])
