@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rewrap", "move objects to another key (only the sealed keys change)"),
         ("encrypt-existing", "encrypt in place the plaintext objects of encrypted paths"),
         ("verify", "check that every object opens and authenticates"),
+        ("inventory", "objects and bytes per key URI and version, from envelopes only"),
     ):
         jp = jsub.add_parser(name, help=helptext)
         jp.add_argument("--config", required=True, help="YAML configuration file")
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ao = adsub.add_parser("operation", help="GetOperation")
     ao.add_argument("id")
     aj = adsub.add_parser("job", help="start a job in the proxy")
-    aj.add_argument("job", choices=["rewrap", "encrypt-existing", "verify"])
+    aj.add_argument("job", choices=["rewrap", "encrypt-existing", "verify", "inventory"])
     _job_args(aj)
     aj.add_argument("--wait", action="store_true", help="wait for the job to finish")
     aj.add_argument("--timeout", type=float, default=3600.0)

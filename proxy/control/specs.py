@@ -38,6 +38,7 @@ from proxy.wire.xmldoc import parse_backend
 
 SPEC_PREFIX: Final = ".cmek-proxy/specs/"
 OPERATION_PREFIX: Final = ".cmek-proxy/operations/"
+REPORT_PREFIX: Final = ".cmek-proxy/reports/"
 _MAX_PAGES: Final = 1000
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,37 @@ class SpecStore:
             return None
         resp, body = await self.backend.call(
             "GET", self.control_bucket, OPERATION_PREFIX + op_id + ".json", ok=(200, 404)
+        )
+        if resp.status == 404:
+            return None
+        data = json.loads(body)
+        return data if isinstance(data, dict) else None
+
+    # --------------------------------------------------------------- reports
+
+    async def save_report(self, kind: str, bucket: str, doc: Mapping[str, Any]) -> bool:
+        """Store the latest ``kind`` report of ``bucket`` (e.g. an inventory) for every
+        replica and the CLI; False without a control bucket."""
+        if self.control_bucket is None:
+            return False
+        await self._ensure_bucket(self.control_bucket)
+        await self.backend.call(
+            "PUT",
+            self.control_bucket,
+            f"{REPORT_PREFIX}{kind}/{bucket.encode().hex()}.json",
+            headers={"content-type": "application/json"},
+            body=json.dumps(dict(doc), sort_keys=True).encode(),
+        )
+        return True
+
+    async def load_report(self, kind: str, bucket: str) -> dict[str, Any] | None:
+        if self.control_bucket is None:
+            return None
+        resp, body = await self.backend.call(
+            "GET",
+            self.control_bucket,
+            f"{REPORT_PREFIX}{kind}/{bucket.encode().hex()}.json",
+            ok=(200, 404),
         )
         if resp.status == 404:
             return None

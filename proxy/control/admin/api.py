@@ -14,7 +14,10 @@ Shaped after the Google Agent Assist CMEK API, for buckets instead of locations
 ``GET /v1/operations/{id}``  GetOperation (``done``, ``error`` or ``response``, ``metadata``)
 ``GET /v1/buckets/{bucket}/encryptionSpec[?prefix=P]``  GetEncryptionSpec
 ``GET /v1/encryptionSpecs``  ListEncryptionSpecs (config and API specs, with their source)
-``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing``;
+``GET /v1/buckets/{bucket}/inventory``  the latest finished inventory of the bucket
+    (objects and bytes per key URI, version, provider; plaintext counts).
+``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing`` /
+    ``inventory``;
     body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?, "sample"?, "target_key"?}``;
     answers an operation whose ``metadata.progress`` counts objects and bytes.
 
@@ -41,6 +44,7 @@ from pydantic import ValidationError
 from proxy.config import EncryptionRule, key_refusal, rule_refusal
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JOBS, JobContext, JobOptions, JobProgress
+from proxy.control.jobs.standalone import report_doc
 from proxy.control.specs import SpecStore, new_operation_id, spec_name, utc_iso
 from proxy.errors import CmekError, KmsError, KmsUnreachableError
 from proxy.kms.keys import KeyService
@@ -126,6 +130,7 @@ class AdminApi:
     validation_timeout: float = 60.0
     _operations: OrderedDict[str, Operation] = field(default_factory=OrderedDict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _inventories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- wiring
 
@@ -137,6 +142,7 @@ class AdminApi:
         r.add_get("/v1/operations/{id}", self._auth(self.get_operation))
         r.add_get("/v1/operations", self._auth(self.list_operations))
         r.add_post("/v1/buckets/{bucket}/jobs", self._auth(self.start_job))
+        r.add_get("/v1/buckets/{bucket}/inventory", self._auth(self.get_inventory))
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -356,6 +362,19 @@ class AdminApi:
 
     # ------------------------------------------------------------------ jobs
 
+    async def get_inventory(self, request: web.Request) -> web.Response:
+        """The latest finished ``inventory`` job of the bucket (from any replica or the CLI)."""
+        bucket = request.match_info["bucket"]
+        problem = _check_target(bucket, None)
+        if problem:
+            return error_response("INVALID_ARGUMENT", problem)
+        doc = await _latest_inventory(self, bucket)
+        if doc is None:
+            return error_response(
+                "NOT_FOUND", f"no inventory of {bucket} yet: start the inventory job"
+            )
+        return web.json_response(doc)
+
     async def start_job(self, request: web.Request) -> web.Response:
         bucket = request.match_info["bucket"]
         try:
@@ -401,9 +420,22 @@ class AdminApi:
         async def work(o: Operation) -> None:
             result = await run(self.jobs, opts, progress)
             o.response = {"@type": "JobSummary", **result.to_json()}
+            if kind == "inventory":
+                doc = {**report_doc(result, "admin-api"), "operation": o.name}
+                self._inventories[bucket] = doc
+                await self.specs.save_report("inventory", bucket, doc)
 
         await self._start(op, work)
         return web.json_response({"name": op.name})
+
+
+async def _latest_inventory(api: AdminApi, bucket: str) -> dict[str, Any] | None:
+    """This replica's latest inventory of the bucket, else the stored one (any replica, CLI)."""
+    stored = await api.specs.load_report("inventory", bucket)
+    mine = api._inventories.get(bucket)
+    if mine is None or (stored is not None and stored["finish_time"] > mine["finish_time"]):
+        return stored
+    return mine
 
 
 def _check_target(bucket: str, prefix: str | None) -> str | None:

@@ -1,11 +1,17 @@
-"""Key lifecycle jobs: ``verify``, ``rewrap``, ``encrypt-existing`` (see each module)."""
+"""Key lifecycle jobs: ``verify``, ``rewrap``, ``encrypt-existing``, ``inventory``."""
 
 from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
 from proxy.control.jobs.encrypt_existing import encrypt_existing
+from proxy.control.jobs.inventory import inventory
 from proxy.control.jobs.rewrap import rewrap
 from proxy.control.jobs.verify import verify
 
-JOBS = {"verify": verify, "rewrap": rewrap, "encrypt-existing": encrypt_existing}
+JOBS = {
+    "verify": verify,
+    "rewrap": rewrap,
+    "encrypt-existing": encrypt_existing,
+    "inventory": inventory,
+}
 
 __all__ = [
     "JOBS",
@@ -13,6 +19,7 @@ __all__ = [
     "JobOptions",
     "JobProgress",
     "encrypt_existing",
+    "inventory",
     "rewrap",
     "verify",
 ]

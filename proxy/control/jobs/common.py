@@ -89,6 +89,8 @@ class JobProgress:
     by_key: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, str]] = field(default_factory=list)
     done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Job-specific report sections (``inventory``), included in ``to_json``."""
 
     def outcome(self, what: str) -> None:
         self.objects += 1
@@ -113,6 +115,7 @@ class JobProgress:
             "by_key": dict(sorted(self.by_key.items())),
             "errors": list(self.errors),
             "done": self.done,
+            **self.extra,
         }
 
     def summary(self) -> str:
@@ -125,6 +128,17 @@ class JobProgress:
         if self.by_key:
             lines.append("  per key and version:")
             lines += [f"    {k}: {v}" for k, v in sorted(self.by_key.items())]
+        inv = self.extra.get("inventory")
+        if inv:
+            lines.append("  per key (objects, stored bytes):")
+            for uri, k in sorted(inv["keys"].items()):
+                lines.append(f"    {uri} [{k['provider']}]: {k['objects']} objects, {k['bytes']} B")
+                lines += [
+                    f"      version {v}: {n['objects']} objects, {n['bytes']} B"
+                    for v, n in sorted(k["versions"].items())
+                ]
+            for kind in ("plaintext_legacy", "plaintext_allowed"):
+                lines.append(f"  {kind}: {inv[kind]['objects']} objects, {inv[kind]['bytes']} B")
         lines += [f"  ! {e['key']}: {e['error']}: {e['message']}" for e in self.errors[:20]]
         return "\n".join(lines)
 

@@ -7,13 +7,14 @@ the policy including the specs stored through the admin API - runs one job and c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from proxy.backend.client import BackendClient
 from proxy.config import Config, key_refusal
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JOBS
 from proxy.control.jobs.common import JobContext, JobOptions, JobProgress
-from proxy.control.specs import SpecStore
+from proxy.control.specs import SpecStore, utc_iso
 from proxy.errors import ConfigError
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
@@ -58,8 +59,16 @@ async def run_standalone(
             lambda: specs.policy,
             audit,
         )
-        return await JOBS[kind](ctx, opts, None)
+        prog = await JOBS[kind](ctx, opts, None)
+        if kind == "inventory":  # the latest inventory of the bucket, for the admin API
+            await specs.save_report(kind, opts.bucket, report_doc(prog, "cli"))
+        return prog
     finally:
         await session.close()
         for c in clients:
             await c.close()
+
+
+def report_doc(prog: JobProgress, source: str) -> dict[str, Any]:
+    """A finished job's report as stored: the summary, when and where it was made."""
+    return {**prog.to_json(), "finish_time": utc_iso(), "source": source}
