@@ -149,6 +149,9 @@ class EncryptionRule(_Model):
     """One bucket or bucket/prefix spec: a key, or passthrough."""
 
     key: str | None = None
+    replicas: list[str] = Field(default_factory=list, max_length=3)
+    """Further key URIs holding the same role as ``key`` (AWS multi-region replicas, or
+    keys in another provider): every data key is wrapped under each; reads fail over."""
     location: str | None = None
     passthrough: bool = False
     encrypted_since: datetime | None = None
@@ -159,6 +162,10 @@ class EncryptionRule(_Model):
     def _one(self) -> EncryptionRule:
         if self.passthrough == (self.key is not None):
             raise ValueError("give exactly one of 'key' or 'passthrough: true'")
+        if self.replicas and (
+            self.key in self.replicas or len(set(self.replicas)) != len(self.replicas)
+        ):
+            raise ValueError("replicas must be distinct key URIs other than 'key'")
         return self
 
 
@@ -264,11 +271,18 @@ class Config(_Model):
         return None
 
     def key_uris(self) -> list[str]:
-        uris = [r.key for r in self.encryption.buckets.values() if r.key]
-        d = self.encryption.default
-        if isinstance(d, EncryptionRule) and d.key:
-            uris.append(d.key)
+        """Every configured key URI, replicas included."""
+        uris: list[str] = []
+        for rule in self.rules():
+            if rule.key:
+                uris += [rule.key, *rule.replicas]
         return sorted(set(uris))
+
+    def rules(self) -> list[EncryptionRule]:
+        """The default rule (if it is one) and every bucket rule."""
+        d = self.encryption.default
+        out = [d] if isinstance(d, EncryptionRule) else []
+        return out + list(self.encryption.buckets.values())
 
 
 @lru_cache(maxsize=256)
@@ -305,7 +319,10 @@ def rule_refusal(config: Config, rule: EncryptionRule | str) -> str | None:
     if passthrough and config.encryption.require_cmek:
         return "passthrough is refused by encryption.require_cmek: true"
     if isinstance(rule, EncryptionRule) and rule.key is not None:
-        return key_refusal(config, rule.key)
+        for uri in (rule.key, *rule.replicas):
+            refusal = key_refusal(config, uri)
+            if refusal is not None:
+                return refusal
     return None
 
 

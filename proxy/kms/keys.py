@@ -37,15 +37,17 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Final, TypeVar
 
 from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
 from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
 from proxy.kms.breaker import BreakerKek, CircuitBreaker
 from proxy.kms.cache import Denial, TtlCache, single_flight
+from proxy.kms.health import EventKind, Health, KeyEvent, KeyState, KeyStatus, Op
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
+
+__all__ = ["MAX_NEGATIVE_TTL", "MAX_TTL", "KeyEvent", "KeyService", "KeyState", "KeyStatus"]
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +60,9 @@ MAX_NEGATIVE_TTL: Final = 60.0
 VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
 PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
 
-EventKind = Literal["revoked", "restored", "unreachable"]
-KeyState = Literal["unknown", "pending", "available", "revoked", "unreachable"]
-"""``pending``: not yet validated - the KMS could not be reached at start (or the key was
-never answered for); not ready until a probe or request succeeds."""
-# which side of a key a call used: a key may allow encrypt but deny decrypt
-_Op = Literal["encrypt", "decrypt", "round_trip"]
-
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class KeyEvent:
-    """A change of a key's availability."""
-
-    kind: EventKind
-    kek_uri: str
-    reason: str
-    at: float  # wall-clock seconds since the epoch
-
-
-@dataclass(frozen=True)
-class KeyStatus:
-    """Availability of one configured key, as of its last call or probe."""
-
-    available: bool
-    state: KeyState
-    reason: str
-    since: float  # wall-clock seconds since the epoch at which ``state`` began
-
-
-@dataclass
-class _Health:
-    state: KeyState
-    reason: str
-    since: float
-    denied_op: _Op | None = None
 
 
 class KeyService:
@@ -175,7 +142,7 @@ class KeyService:
         # bumped whenever a key's material is dropped; an in-flight call that started
         # before the drop neither caches its result nor marks the key available
         self._epochs: dict[str, int] = {}
-        self._health: dict[str, _Health] = {}
+        self._health: dict[str, Health] = {}
         self._registered: dict[str, None] = {}  # insertion-ordered set
         self._hits = {k: metrics.key_cache_hits.labels(k) for k in ("write", "read")}
         self._misses = {k: metrics.key_cache_misses.labels(k) for k in ("write", "read")}
@@ -269,7 +236,7 @@ class KeyService:
             self._reads.put((kek_uri, (wrapped, bucket)), plaintext)
         return plaintext
 
-    async def _call(self, kek_uri: str, epoch: int, op: _Op | None, call: Awaitable[T]) -> T:
+    async def _call(self, kek_uri: str, epoch: int, op: Op | None, call: Awaitable[T]) -> T:
         """Await one KMS call and update the key's health from its outcome.
 
         ``op`` None: a success does not by itself mark the key available (a
@@ -410,14 +377,14 @@ class KeyService:
         self._epochs[kek_uri] = self._epoch(kek_uri) + 1
         return self._writes.drop_uri(kek_uri, reason) + self._reads.drop_uri(kek_uri, reason)
 
-    def _denied(self, kek_uri: str, op: _Op | None, exc: KeyUnavailableError) -> None:
+    def _denied(self, kek_uri: str, op: Op | None, exc: KeyUnavailableError) -> None:
         dropped = self._drop(kek_uri, "denied")
         reason = f"{exc.kind.value}: {exc}"
         if dropped:
             log.warning("key %s denied; dropped %d cached entries", kek_uri, dropped)
         self._set_health(kek_uri, "revoked", reason, denied_op=op)
 
-    def _succeeded(self, kek_uri: str, op: _Op) -> None:
+    def _succeeded(self, kek_uri: str, op: Op) -> None:
         if op == "round_trip":  # a probe or validation that succeeded clears remembered denials
             self._denied_writes.drop_uri(kek_uri, "dropped")
             self._denied_reads.drop_uri(kek_uri, "dropped")
@@ -447,7 +414,7 @@ class KeyService:
             self._set_health(kek_uri, "pending", reason)
 
     def _set_health(
-        self, kek_uri: str, state: KeyState, reason: str, *, denied_op: _Op | None = None
+        self, kek_uri: str, state: KeyState, reason: str, *, denied_op: Op | None = None
     ) -> None:
         h = self._health.get(kek_uri)
         if h is not None and h.state == "pending" and state == "unreachable":
@@ -461,7 +428,7 @@ class KeyService:
             return
         previous = h.state if h is not None else "unknown"
         now = self._wall_clock()
-        self._health[kek_uri] = _Health(state, reason, now, denied_op)
+        self._health[kek_uri] = Health(state, reason, now, denied_op)
         if kek_uri in self._registered:
             self._metrics.key_available.labels(kek_uri).set(1.0 if state == "available" else 0.0)
         kind: EventKind | None
