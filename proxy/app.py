@@ -79,6 +79,9 @@ def build(
     )
     for uri in config.key_uris():
         keys.register(uri)
+    for rule in config.rules():
+        if rule.key and rule.replicas:
+            keys.set_replicas(rule.key, rule.replicas)
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
     backend = BackendClient(config.backend, session)

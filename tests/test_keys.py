@@ -23,7 +23,8 @@ from proxy.errors import (
 )
 from proxy.kms.base import DataKey, Kek, WrappedKey
 from proxy.kms.breaker import BreakerKek, BreakerState, CircuitBreaker
-from proxy.kms.keys import MAX_TTL, KeyEvent, KeyService
+from proxy.kms.health import MAX_TTL
+from proxy.kms.keys import KeyEvent, KeyService
 from proxy.kms.local import KeyFile, LocalKmsClient, create_key_file
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics

@@ -120,9 +120,7 @@ def _replicas_text(env: Envelope) -> str:
             raise ValueError("replica key URIs must be distinct and their wrapped keys non-empty")
         seen.add(r.kek_uri)
         parts.append(
-            ".".join(
-                _b64encode(x) for x in (r.kek_uri.encode(), r.kek_version.encode(), r.wrapped)
-            )
+            ".".join(_b64encode(x) for x in (r.kek_uri.encode(), r.kek_version.encode(), r.wrapped))
         )
     return ",".join(parts)
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
+
+MAX_TTL: Final = 3600.0
+"""Hard cap on how long key material may stay cached (seconds)."""
+
+MAX_NEGATIVE_TTL: Final = 60.0
+"""Hard cap on how long a denial is remembered (seconds)."""
+
+VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
+PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
 
 EventKind = Literal["revoked", "restored", "unreachable"]
 KeyState = Literal["unknown", "pending", "available", "revoked", "unreachable"]

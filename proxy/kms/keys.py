@@ -1,32 +1,20 @@
 """The data-key service: bounded TTL caches, single-flight KMS calls, key health.
 
-cmek-proxy seals a fresh per-object key under a 32-byte *data key* that the
-customer's KMS generates and wraps (the S3 Bucket Keys model); object metadata
-stores the wrapped data key.  The binding context sent to the KMS is exactly
-``{"bucket": <bucket name>}``.
+A fresh per-object key is sealed under a 32-byte *data key* that the customer's KMS
+generates and wraps; the binding context is exactly ``{"bucket": <bucket name>}``.
 
-``KeyService`` keeps KMS traffic low and bounded:
-
-* **writes** - at most one ``generate_data_key`` per ``(kek_uri, bucket)`` per TTL
-  period; the data key is reused for every object written in that period, and is
-  also put into the read cache under its wrapped form;
+* **writes** - at most one ``generate_data_key`` per ``(kek_uri, bucket)`` per TTL; the
+  data key is also put into the read cache under its wrapped form(s);
 * **reads** - unwrapped material is cached by ``(kek_uri, wrapped, bucket)``;
-* **single-flight** - concurrent misses for one cache key share one KMS call; a
-  failure reaches every waiter and is not cached;
-* **bounded** - each cache holds at most ``max_entries``; material goes on expiry,
-  on capacity, and at once on denial;
-* **denial** (``KeyUnavailableError``) drops *all* material of that key, marks it
-  revoked and emits a ``KeyEvent``; calls keep going to the KMS, and the next
-  success marks the key available again - a success on the same side (encrypt:
-  generate/wrap, decrypt: unwrap) as the denial that revoked it, or a full probe /
-  validation round trip, so a key that still allows encrypt but denies decrypt
-  does not flap between revoked and restored;
-* **outage** (``KmsUnreachableError``) drops nothing: traffic is served from the
-  caches until entries expire, then the error propagates.  A per-key circuit
-  breaker stops a dead KMS from being hammered; the prober's call is the
-  periodic trial.
+* **single-flight** - concurrent misses share one KMS call; failures are not cached;
+* **bounded** - at most ``max_entries`` per cache; gone on expiry, capacity, denial;
+* **denial** drops *all* material of the key (and its replica group), marks it revoked,
+  is remembered for ``negative_ttl``; the next success on the denied side (or a probe
+  round trip) restores it, so a key allowing encrypt but denying decrypt does not flap;
+* **outage** drops nothing: caches serve until expiry; a per-key breaker fails fast and
+  the prober's call is its trial; replicas fail over (``proxy.kms.replicas``).
 
-Key material is never logged and never part of a repr.
+Key material is never logged and never part of a repr (docs/KMS.md has the bounds).
 """
 
 from __future__ import annotations
@@ -36,10 +24,19 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Final, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TypeVar
 
-from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
+from proxy.crypto.envelope import WrappedReplica
+from proxy.errors import (
+    DenialKind,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsError,
+    KmsUnreachableError,
+)
+from proxy.kms import health as kh
+from proxy.kms import replicas
 from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
 from proxy.kms.breaker import BreakerKek, CircuitBreaker
 from proxy.kms.cache import Denial, TtlCache, single_flight
@@ -47,18 +44,10 @@ from proxy.kms.health import EventKind, Health, KeyEvent, KeyState, KeyStatus, O
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
 
-__all__ = ["MAX_NEGATIVE_TTL", "MAX_TTL", "KeyEvent", "KeyService", "KeyState", "KeyStatus"]
+__all__ = ["KeyEvent", "KeyService", "KeyState", "KeyStatus"]
 
 log = logging.getLogger(__name__)
 
-MAX_TTL: Final = 3600.0
-"""Hard cap on how long key material may stay cached (seconds)."""
-
-MAX_NEGATIVE_TTL: Final = 60.0
-"""Hard cap on how long a denial is remembered (seconds)."""
-
-VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
-PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -85,16 +74,14 @@ class KeyService:
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"key cache ttl must be > 0 seconds, got {ttl}")
-        if ttl > MAX_TTL:
-            raise ValueError(f"key cache ttl must be at most {MAX_TTL:.0f} seconds, got {ttl}")
+        if ttl > kh.MAX_TTL:
+            raise ValueError(f"key cache ttl must be at most {kh.MAX_TTL:.0f} seconds, got {ttl}")
         if max_entries < 1:
             raise ValueError(f"key cache max_entries must be at least 1, got {max_entries}")
         if not probe_timeout > 0:
             raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
-        if not 0 <= negative_ttl <= MAX_NEGATIVE_TTL:
-            raise ValueError(
-                f"negative_ttl must be within 0..{MAX_NEGATIVE_TTL:.0f} seconds, got {negative_ttl}"
-            )
+        if not 0 <= negative_ttl <= kh.MAX_NEGATIVE_TTL:
+            raise ValueError(f"negative_ttl must be within 0..{kh.MAX_NEGATIVE_TTL:.0f} s")
         self._resolve = resolve
         self._metrics = metrics
         self._clock = clock
@@ -137,6 +124,8 @@ class KeyService:
             evictions=metrics.key_cache_evictions,
         )
         self._negative_hits = {k: metrics.key_negative_hits.labels(k) for k in ("write", "read")}
+        self.groups = replicas.Groups()  # keys with replicas (read-only outside)
+        self._denial_kind: dict[str, DenialKind] = {}
         self._write_flights: dict[tuple[str, str], asyncio.Task[DataKey]] = {}
         self._read_flights: dict[tuple[str, tuple[bytes, str]], asyncio.Task[bytes]] = {}
         # bumped whenever a key's material is dropped; an in-flight call that started
@@ -183,16 +172,36 @@ class KeyService:
         )
 
     async def _fetch_write(self, kek_uri: str, bucket: str) -> DataKey:
-        kek = self.kek(kek_uri)
         epoch = self._epoch(kek_uri)
+        group = self.groups.of_key(kek_uri)
         try:
-            dk = await self._call(
-                kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket})
-            )
+            if group is None:
+                dk = await self._generate(kek_uri, bucket)
+            else:
+                self._fail_closed(group)
+                dk = await replicas.write_group(
+                    group,
+                    self._state,
+                    lambda m: self._generate(m, bucket),
+                    lambda m, pt: self._call(
+                        m, self._epoch(m), "encrypt", self.kek(m).wrap(pt, {"bucket": bucket})
+                    ),
+                )
         except KeyUnavailableError as exc:
             if self._negative_ttl > 0:
                 self._denied_writes.put((kek_uri, bucket), Denial.of(exc))
             raise
+        if self._epoch(kek_uri) == epoch:
+            self._writes.put((kek_uri, bucket), dk)
+            self._reads.put((dk.kek_uri or kek_uri, (dk.wrapped, bucket)), dk.plaintext)
+            for r in dk.replicas:
+                self._reads.put((r.kek_uri, (r.wrapped, bucket)), dk.plaintext)
+        return dk
+
+    async def _generate(self, kek_uri: str, bucket: str) -> DataKey:
+        kek = self.kek(kek_uri)
+        epoch = self._epoch(kek_uri)
+        dk = await self._call(kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket}))
         if len(dk.plaintext) != DATA_KEY_BYTES:
             raise KmsError(
                 f"{kek.provider} returned a {len(dk.plaintext)}-byte data key for {kek_uri}, "
@@ -200,13 +209,26 @@ class KeyService:
                 key_uri=kek_uri,
                 provider=kek.provider,
             )
-        if self._epoch(kek_uri) == epoch:
-            self._writes.put((kek_uri, bucket), dk)
-            self._reads.put((kek_uri, (dk.wrapped, bucket)), dk.plaintext)
         return dk
 
-    async def unwrap(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
-        """The plaintext of a wrapped data key stored in ``bucket``'s object metadata."""
+    async def unwrap(
+        self,
+        kek_uri: str,
+        wrapped: bytes,
+        bucket: str,
+        replica_forms: Sequence[WrappedReplica] = (),
+    ) -> bytes:
+        """The plaintext of a wrapped data key stored in ``bucket``'s object metadata;
+        with the envelope's replica forms, by the first replica that answers."""
+        group = self.groups.containing(kek_uri)
+        if group is None and not replica_forms:
+            return await self._unwrap_one(kek_uri, wrapped, bucket)
+        forms = {kek_uri: wrapped} | {r.kek_uri: r.wrapped for r in replica_forms}
+        self._fail_closed((*(group or ()), *forms))
+        order = replicas.read_order(forms, group or tuple(forms), self._state)
+        return await replicas.read_group(order, lambda u: self._unwrap_one(u, forms[u], bucket))
+
+    async def _unwrap_one(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
         key = (kek_uri, (wrapped, bucket))
         plaintext = self._reads.get(key)
         if plaintext is not None:
@@ -219,6 +241,25 @@ class KeyService:
             raise denial.error(kek_uri)
         return await single_flight(
             self._read_flights, key, lambda: self._fetch_read(kek_uri, wrapped, bucket)
+        )
+
+    # ------------------------------------------------------------ replicas
+
+    def set_replicas(self, kek_uri: str, members: Sequence[str]) -> None:
+        """Declare the replicas of a key (empty: none); each is registered (probed)."""
+        for m in self.groups.assign(kek_uri, members):
+            self.register(m)
+
+    def _state(self, uri: str) -> KeyState:
+        h = self._health.get(uri)
+        return h.state if h is not None else "unknown"
+
+    def _fail_closed(self, group: Sequence[str]) -> None:
+        replicas.fail_closed(
+            group,
+            self._state,
+            lambda m: self._health[m].reason,
+            lambda m: self._denial_kind.get(m, DenialKind.ACCESS_DENIED),
         )
 
     async def _fetch_read(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
@@ -281,8 +322,10 @@ class KeyService:
         probe = os.urandom(DATA_KEY_BYTES)
         epoch = self._epoch(kek_uri)
         try:
-            w = await self._call(kek_uri, epoch, None, kek.wrap(probe, VALIDATION_CONTEXT))
-            back = await self._call(kek_uri, epoch, None, kek.unwrap(w.wrapped, VALIDATION_CONTEXT))
+            w = await self._call(kek_uri, epoch, None, kek.wrap(probe, kh.VALIDATION_CONTEXT))
+            back = await self._call(
+                kek_uri, epoch, None, kek.unwrap(w.wrapped, kh.VALIDATION_CONTEXT)
+            )
         except KmsUnreachableError as exc:
             raise KmsUnreachableError(
                 f"key {kek_uri} ({provider}) could not be validated: {exc}",
@@ -348,8 +391,10 @@ class KeyService:
         epoch = self._epoch(kek_uri)
         try:
             async with asyncio.timeout(self._probe_timeout):
-                dk = await self._call(kek_uri, epoch, None, kek.generate_data_key(PROBE_CONTEXT))
-                back = await self._call(kek_uri, epoch, None, kek.unwrap(dk.wrapped, PROBE_CONTEXT))
+                dk = await self._call(kek_uri, epoch, None, kek.generate_data_key(kh.PROBE_CONTEXT))
+                back = await self._call(
+                    kek_uri, epoch, None, kek.unwrap(dk.wrapped, kh.PROBE_CONTEXT)
+                )
         except (KeyUnavailableError, KmsUnreachableError):
             return  # ``_call`` has recorded it (and dropped material on denial)
         except KmsError as exc:
@@ -378,7 +423,10 @@ class KeyService:
         return self._writes.drop_uri(kek_uri, reason) + self._reads.drop_uri(kek_uri, reason)
 
     def _denied(self, kek_uri: str, op: Op | None, exc: KeyUnavailableError) -> None:
+        self._denial_kind[kek_uri] = exc.kind
         dropped = self._drop(kek_uri, "denied")
+        for member in self.groups.siblings(kek_uri):  # fail closed: the whole group
+            dropped += self._drop(member, "denied")
         reason = f"{exc.kind.value}: {exc}"
         if dropped:
             log.warning("key %s denied; dropped %d cached entries", kek_uri, dropped)

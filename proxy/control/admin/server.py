@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.kms.keys import KeyService
+from proxy.kms.keys import KeyService, KeyStatus
 from proxy.metrics import Metrics
 
 
@@ -32,7 +32,8 @@ def make_admin_app(
         unavailable = {
             uri: {"state": s.state, "reason": s.reason}
             for uri, s in status.items()
-            if s.state in ("revoked", "unknown", "pending")
+            if s.state == "revoked"
+            or (s.state in ("unknown", "pending") and not _covered(keys, status, uri))
         }
         others = not_ready()
         ready = not unavailable and not others
@@ -44,6 +45,11 @@ def make_admin_app(
                     "state": s.state,
                     "reason": s.reason,
                     "since": s.since,
+                    **(
+                        {"replicas": list(keys.groups.replicas_of(uri))}
+                        if keys.groups.replicas_of(uri)
+                        else {}
+                    ),
                 }
                 for uri, s in status.items()
             },
@@ -63,3 +69,12 @@ def make_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     return app
+
+
+def _covered(keys: KeyService, status: dict[str, KeyStatus], uri: str) -> bool:
+    """A key not yet answered for whose replica group has an available member serves (a
+    revoked member is never covered: a denial by any replica revokes the key)."""
+    group = keys.groups.containing(uri)
+    return group is not None and any(
+        status[m].state == "available" for m in group if m != uri and m in status
+    )

@@ -200,7 +200,7 @@ async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 
 async def object_key_of(ctx: JobContext, bucket: str, key: str, env: Envelope) -> bytes:
-    dk = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+    dk = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
     return crypto.open_object_key(
         dk, env.sealed_object_key, crypto.Binding(bucket=bucket, key=key, multipart=env.multipart)
     )

@@ -47,6 +47,9 @@ async def run_standalone(
         negative_ttl=config.kms.negative_ttl,
         on_event=audit.key_event if audit is not None else None,
     )
+    for rule in config.rules():
+        if rule.key and rule.replicas:
+            keys.set_replicas(rule.key, rule.replicas)
     session = BackendClient.make_session(config.backend)
     try:
         backend = BackendClient(config.backend, session)
