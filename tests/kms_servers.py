@@ -554,7 +554,7 @@ __all__ = [
     "gcp_async_client",
     "gcp_kms",
     "moto_server",
-    "openbao_tls",
     "openbao",
+    "openbao_tls",
     "vault_front",
 ]
