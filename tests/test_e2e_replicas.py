@@ -202,6 +202,11 @@ def test_a_replica_added_and_removed_by_rewrap(
         assert _forms(_envelope(direct, bucket, k)) == {keys.aws, keys.vault}
         assert direct.get_object(Bucket=bucket, Key=k)["Body"].read() == stored[k]  # untouched
     assert _rewrap(replicated, keys, bucket)["outcomes"] == {"already": 3}
+    inv = asyncio.run(
+        run_standalone(replicated, "inventory", JobOptions(bucket=bucket), kms_clients=[])
+    ).to_json()["inventory"]
+    for uri in (keys.aws, keys.vault):  # each holds a form; destroying one shreds nothing
+        assert inv["keys"][uri]["objects"] == 3 and inv["keys"][uri]["sole"]["objects"] == 0
 
     with ProxyThread(replicated, kms_clients=keys.clients) as p:
         keys.front.stop()  # only the added replica can open them now

@@ -157,6 +157,7 @@ def _check(inv: dict[str, Any], expected: dict[str, Any]) -> None:
         got = inv["keys"][uri]
         assert {k: got[k] for k in want} == want, uri
         assert sum(v["objects"] for v in got["versions"].values()) == want["objects"]
+        assert got["sole"] == {"objects": want["objects"], "bytes": want["bytes"]}
     assert set(inv["keys"]) == set(expected["keys"])
     assert inv["plaintext_legacy"] == expected["plaintext_legacy"]
     assert inv["plaintext_allowed"] == expected["plaintext_allowed"]

@@ -5,12 +5,14 @@ backend HEAD (object metadata) or, with ``backend.envelope_store: sidecar``, the
 sidecar object - never an object body and never a KMS call.  It counts objects and stored
 bytes per key URI, per key version and per provider, and the plaintext objects: legacy
 (on a path the policy encrypts, i.e. written before encryption was turned on) and allowed
-(passthrough / unencrypted paths).  "What would destroying key K shred?" is
-``keys[K]``.
+(passthrough / unencrypted paths).  Each wrapped form counts under its key URI: an object
+with replicas counts under each; ``sole`` counts the objects whose only form is under that
+key - "what would destroying key K shred?" is ``keys[K]["sole"]``.
 
 The report (``JobProgress.to_json()["inventory"]``)::
 
     {"keys": {"<uri>": {"provider": "aws-kms", "objects": 3, "bytes": 1234,
+                        "sole": {"objects": 3, "bytes": 1234},
                         "versions": {"<version>": {"objects": 3, "bytes": 1234}}}},
      "plaintext_legacy": {"objects": 1, "bytes": 10},
      "plaintext_allowed": {"objects": 0, "bytes": 0}}
@@ -67,20 +69,31 @@ async def inventory(
             p.outcome("plaintext-legacy" if legacy else "plaintext-allowed")
             return
         keys: dict[str, Any] = report["keys"]
-        entry = keys.get(env.kek_uri)
-        if entry is None:
-            entry = {"provider": provider_of(env.kek_uri), "versions": {}, **_empty()}
-            keys[env.kek_uri] = entry
-        _add(entry, obj.size)
-        versions: dict[str, Any] = entry["versions"]
-        version = env.kek_version or "(none)"
-        if version not in versions:
-            if pairs >= MAX_KEYS:
-                version = "(other)"
-            else:
-                pairs += 1
-            versions.setdefault(version, _empty())
-        _add(versions[version], obj.size)
+        forms = [(env.kek_uri, env.kek_version)] + [
+            (r.kek_uri, r.kek_version) for r in env.replicas
+        ]
+        for uri, kek_version in forms:
+            entry = keys.get(uri)
+            if entry is None:
+                entry = {
+                    "provider": provider_of(uri),
+                    "versions": {},
+                    "sole": _empty(),
+                    **_empty(),
+                }
+                keys[uri] = entry
+            _add(entry, obj.size)
+            if len(forms) == 1:
+                _add(entry["sole"], obj.size)
+            versions: dict[str, Any] = entry["versions"]
+            version = kek_version or "(none)"
+            if version not in versions:
+                if pairs >= MAX_KEYS:
+                    version = "(other)"
+                else:
+                    pairs += 1
+                versions.setdefault(version, _empty())
+            _add(versions[version], obj.size)
         p.by_key[f"{env.kek_uri}#{env.kek_version}" if env.kek_version else env.kek_uri] += 1
         p.outcome("encrypted")
 
