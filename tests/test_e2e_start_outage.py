@@ -232,3 +232,41 @@ def test_backend_unreachable_at_start_then_started(tmp_path: Path) -> None:
             assert c.get_object(Bucket="late", Key="k")["Body"].read() == b"x"
         finally:
             backend.stop()
+
+
+def test_api_spec_key_failing_at_start_does_not_stop_it(
+    moto: Any, keyfile: Path, tmp_path: Path
+) -> None:
+    """A key named only by an API spec is validated at start too; a definitive failure marks
+    it revoked (readyz 503 naming it) instead of stopping the proxy whose admin API would fix
+    the spec."""
+    from tests.test_admin_api import admin_config, call, wait_op
+
+    spec_key_file = new_keyfile(tmp_path / "spec-key.json")
+    spec_key = f"local://{spec_key_file}"
+    bucket = uniq("apikey-")
+    config = admin_config(moto, keyfile, tmp_path)
+    config = config.model_copy(
+        update={"specs": config.specs.model_copy(update={"control_bucket": uniq("ctl-")})}
+    )
+    with ProxyThread(config) as p:
+        p.client().create_bucket(Bucket=bucket)
+        r = call(
+            p,
+            "POST",
+            f"/v1/buckets/{bucket}/encryptionSpec:initialize",
+            {"encryption_spec": {"kms_key": spec_key}},
+        )
+        assert "error" not in wait_op(p, r.json()["name"])
+    spec_key_file.unlink()  # the spec's key is gone
+    with ProxyThread(config) as p:
+        status, body = _readyz(p)
+        assert status == 503
+        assert body["keys"][spec_key]["state"] == "revoked"
+        assert "is gone" in body["keys"][spec_key]["reason"]
+        c = no_retry_client(p)
+        other = uniq("cfg-")
+        c.create_bucket(Bucket=other)
+        c.put_object(Bucket=other, Key="k", Body=b"config key still serves")
+        with pytest.raises(ClientError):
+            c.put_object(Bucket=bucket, Key="k", Body=b"x")
