@@ -196,7 +196,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
         sealed_object_key=sealed,
         multipart=layout == LAYOUT_MULTIPART,
         checksum=checksum if checksum else None,
-        replicas=_parse_replicas(found[M_KEK], replicas) if replicas else (),
+        replicas=_parse_replicas(found[M_KEK], replicas) if replicas is not None else (),
     )
 
 
