@@ -110,7 +110,13 @@ def build(
     def swap_policy(new: Policy) -> None:
         objects.policy = new
 
-    specs = SpecStore(config, backend, on_policy=swap_policy, on_key=keys.register)
+    specs = SpecStore(
+        config,
+        backend,
+        on_policy=swap_policy,
+        on_key=keys.register,
+        on_replicas=keys.set_replicas,
+    )
     jobs = JobContext(
         backend,
         keys,
@@ -198,9 +204,12 @@ def _start_keys(config: Config, specs: SpecStore) -> list[StartKey]:
         uri = record.rule.key
         if record.name in refused:
             continue  # outside the key policy: never called
-        if record.source == "api" and uri is not None and uri not in seen:
-            seen.add(uri)
-            out.append(StartKey(uri, record.rule.location, False))
+        if record.source != "api" or uri is None:
+            continue
+        for member in (uri, *record.rule.replicas):
+            if member not in seen:
+                seen.add(member)
+                out.append(StartKey(member, record.rule.location if member == uri else None, False))
     return out
 
 

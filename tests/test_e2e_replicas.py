@@ -99,6 +99,12 @@ def _envelope(direct: Any, bucket: str, key: str) -> crypto.Envelope:
     return env
 
 
+def s3_direct(server: Any) -> Any:
+    from tests.servers import BACKEND_AK, BACKEND_SK, s3_client
+
+    return s3_client(server.url, BACKEND_AK, BACKEND_SK)
+
+
 def _forms(env: crypto.Envelope) -> set[str]:
     return {env.kek_uri, *(r.kek_uri for r in env.replicas)}
 
@@ -219,3 +225,37 @@ def test_a_replica_added_and_removed_by_rewrap(
     result = _rewrap(plain, keys, bucket)
     assert result["outcomes"] == {"rewrapped": 3}
     assert all(_forms(_envelope(direct, bucket, k)) == {keys.aws} for k in blobs)
+
+
+def test_api_spec_with_replicas(moto: Any, keyfile: Path, tmp_path: Path) -> None:
+    """InitializeEncryptionSpec validates every replica and stores them with the spec; writes
+    under it carry every form; a replica that fails validation fails the operation."""
+    from tests.servers import new_keyfile
+    from tests.test_admin_api import admin_config, call, wait_op
+
+    a = f"local://{new_keyfile(tmp_path / 'a.json')}"
+    b = f"local://{new_keyfile(tmp_path / 'b.json')}"
+    missing = f"local://{tmp_path / 'missing.json'}"
+    config = admin_config(moto, keyfile, tmp_path)
+    config = config.model_copy(
+        update={"specs": config.specs.model_copy(update={"control_bucket": uniq("ctl-")})}
+    )
+    bucket = uniq("apirep-")
+    direct = s3_direct(moto)
+    with ProxyThread(config) as p:
+        c = p.client()
+        c.create_bucket(Bucket=bucket)
+        path = f"/v1/buckets/{bucket}/encryptionSpec:initialize"
+        r = call(p, "POST", path, {"encryption_spec": {"kms_key": a, "replicas": [missing]}})
+        op = wait_op(p, r.json()["name"])
+        assert op["error"]["status"] == "FAILED_PRECONDITION" and missing in op["error"]["message"]
+        r = call(p, "POST", path, {"encryption_spec": {"kms_key": a, "replicas": [b]}})
+        op = wait_op(p, r.json()["name"])
+        assert "error" not in op, op
+        assert op["response"]["encryption_spec"] == {"kms_key": a, "replicas": [b]}
+        c.put_object(Bucket=bucket, Key="k", Body=b"replicated")
+        assert _forms(_envelope(direct, bucket, "k")) == {a, b}
+        assert _readyz(p)[1]["keys"][a]["replicas"] == [b]
+    with ProxyThread(config) as p:  # a new replica reads the spec, replicas included
+        p.client().put_object(Bucket=bucket, Key="k2", Body=b"again")
+        assert _forms(_envelope(direct, bucket, "k2")) == {a, b}

@@ -73,6 +73,8 @@ class SpecRecord:
         spec: dict[str, Any] = (
             {"passthrough": True} if self.rule.passthrough else {"kms_key": self.rule.key}
         )
+        if self.rule.replicas:
+            spec["replicas"] = list(self.rule.replicas)
         if self.rule.location:
             spec["location"] = self.rule.location
         out: dict[str, Any] = {
@@ -98,6 +100,7 @@ class SpecRecord:
         since = data.get("encrypted_since")
         rule = EncryptionRule(
             key=spec.get("kms_key"),
+            replicas=list(spec.get("replicas") or []),
             location=spec.get("location"),
             passthrough=bool(spec.get("passthrough", False)),
             encrypted_since=datetime.fromisoformat(since) if since else None,
@@ -166,6 +169,8 @@ class SpecStore:
     on_policy: Callable[[Policy], None]
     on_key: Callable[[str], None] = lambda _uri: None
     """Called with every key URI an API spec names (to register it for probing)."""
+    on_replicas: Callable[[str, list[str]], None] = lambda _uri, _replicas: None
+    """Called with every API spec's key and its replicas (possibly none)."""
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     policy: Policy = field(init=False)
@@ -248,8 +253,11 @@ class SpecStore:
             if (reason := rule_refusal(self.config, e.record.rule)) is not None
         }
         for n, e in entries.items():
-            if e.record.rule.key and n not in refused:  # a refused key is never called
-                self.on_key(e.record.rule.key)
+            rule = e.record.rule
+            if rule.key and n not in refused:  # a refused key is never called
+                for uri in (rule.key, *rule.replicas):
+                    self.on_key(uri)
+                self.on_replicas(rule.key, list(rule.replicas))
         for n, reason in refused.items():
             log.error("API encryption spec %s is refused by the key policy: %s", n, reason)
         self.policy = Policy(self.config.encryption).with_specs(

@@ -213,6 +213,7 @@ class AdminApi:
         try:
             rule = EncryptionRule(
                 key=spec.get("kms_key"),
+                replicas=spec.get("replicas") or [],
                 location=spec.get("location"),
                 passthrough=bool(spec.get("passthrough", False)),
             )
@@ -257,6 +258,8 @@ class AdminApi:
             try:
                 async with asyncio.timeout(self.validation_timeout):
                     await self.keys.validate(rule.key, rule.location)
+                    for replica in rule.replicas:  # every replica must work as well
+                        await self.keys.validate(replica, None)
             except KmsError as exc:
                 status = (
                     "UNAVAILABLE" if isinstance(exc, KmsUnreachableError) else "FAILED_PRECONDITION"
@@ -451,6 +454,8 @@ def _check_target(bucket: str, prefix: str | None) -> str | None:
 
 def _spec_json(rule: EncryptionRule) -> dict[str, Any]:
     out: dict[str, Any] = {"passthrough": True} if rule.passthrough else {"kms_key": rule.key}
+    if rule.replicas:
+        out["replicas"] = list(rule.replicas)
     if rule.location:
         out["location"] = rule.location
     return out
