@@ -27,11 +27,12 @@ from proxy.control.audit import AuditHeadCollector, AuditLog
 from proxy.control.jobs import JOBS, JobContext
 from proxy.control.jobs.gc import GcRunner
 from proxy.control.policy import Policy
-from proxy.control.specs import SpecStore
-from proxy.errors import CmekError
+from proxy.control.specs import NotLoadedPolicy, SpecStore
+from proxy.errors import CmekError, S3Error
 from proxy.kms.base import KmsClient
 from proxy.kms.keys import KeyService
 from proxy.kms.registry import make_kms_clients, resolver
+from proxy.kms.startup import StartKey, validate_at_start
 from proxy.layer.envelopes import EnvelopeStore, make_store
 from proxy.layer.objects import ObjectLayer
 from proxy.metrics import Metrics
@@ -79,10 +80,14 @@ def build(
         metrics,
         ttl=config.kms.cache_ttl,
         max_entries=config.kms.cache_entries,
+        negative_ttl=config.kms.negative_ttl,
         on_event=audit.key_event if audit is not None else None,
     )
     for uri in config.key_uris():
         keys.register(uri)
+    for rule in config.rules():
+        if rule.key and rule.replicas:
+            keys.set_replicas(rule.key, rule.replicas)
     policy = Policy(config.encryption)
     session = BackendClient.make_session(config.backend)
     backend = BackendClient(config.backend, session, metrics)
@@ -102,7 +107,7 @@ def build(
         virtual_host_domain=config.virtual_host_domain,
         access_log=AccessLogSettings(config.logging.access_log, config.logging.include_names),
     )
-    admin_app = make_admin_app(metrics, keys)
+    admin_app = make_admin_app(metrics, keys, lambda: _not_ready(specs))
     s3_app[KEYS] = keys
     s3_app[METRICS] = metrics
 
@@ -111,35 +116,18 @@ def build(
         for c in clients:
             await c.close()
 
-    async def resources(_: web.Application) -> AsyncIterator[None]:
-        validated = False
-        try:
-            if validate_keys:
-                for uri in config.key_uris():
-                    loc = _location_for(config, uri)
-                    await keys.validate(uri, loc)
-                    log.info("key validated: %s", uri)
-            validated = True
-        finally:
-            if not validated:  # a failed start closes what build() opened
-                await close_resources()
-        prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
-        try:
-            yield
-        finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prober
-            await close_resources()
-
-    s3_app.cleanup_ctx.append(resources)
-
     # Encryption specs from the admin API: read before listening, then polled; the data
     # path's policy is replaced whole when they change.
     def swap_policy(new: Policy) -> None:
         objects.policy = new
 
-    specs = SpecStore(config, backend, on_policy=swap_policy, on_key=keys.register)
+    specs = SpecStore(
+        config,
+        backend,
+        on_policy=swap_policy,
+        on_key=keys.register,
+        on_replicas=keys.set_replicas,
+    )
     jobs = JobContext(
         backend,
         keys,
@@ -153,25 +141,35 @@ def build(
         api.register(admin_app)
     _state_metrics(metrics, keys, specs if config.specs.control_bucket else None, api)
 
-    async def spec_store(_: web.Application) -> AsyncIterator[None]:
-        await specs.refresh()
+    async def resources(_: web.Application) -> AsyncIterator[None]:
+        _announce_key_policy(config, audit)
+        started = False
+        try:
+            await _read_specs(specs, objects)
+            if validate_keys:
+                await validate_at_start(keys, _start_keys(config, specs), config.kms.start_timeout)
+            started = True
+        finally:
+            if not started:  # a failed start closes what build() opened
+                await close_resources()
+        prober = asyncio.create_task(keys.run_prober(config.kms.probe_interval))
         poller = asyncio.create_task(specs.run_poller())
         collector = GcRunner(jobs, config.gc)
         gc_task = asyncio.create_task(collector.run_forever()) if config.gc.interval else None
         try:
             yield
         finally:
-            if gc_task is not None:
-                gc_task.cancel()
+            for task in (gc_task, poller, prober):
+                if task is None:
+                    continue
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await gc_task
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+                    await task
             if api is not None:
                 await api.close()
+            await close_resources()
 
-    s3_app.cleanup_ctx.append(spec_store)
+    s3_app.cleanup_ctx.append(resources)
     return Proxy(s3_app, admin_app, keys, metrics, specs, audit, jobs, envelopes)
 
 
@@ -232,6 +230,62 @@ def _state_metrics(
     metrics.gauge_callback(
         "cmek_job_bytes", "Bytes the running jobs have read so far.", ["job"], bytes_read
     )
+
+
+def _announce_key_policy(config: Config, audit: AuditLog | None) -> None:
+    """Log (and audit) the key policy in force, and what it still lets through unencrypted."""
+    enc = config.encryption
+    ttl = enc.unencrypted_ttl
+    fields = {
+        "allowed_keys": list(config.kms.allowed_keys),
+        "require_cmek": enc.require_cmek,
+        "unencrypted_paths": list(enc.unencrypted_paths),
+        "unencrypted_ttl": ttl.model_dump(mode="json") if ttl is not None else None,
+    }
+    log.info("key policy: %s", fields)
+    if enc.require_cmek and (enc.unencrypted_paths or ttl is not None):
+        log.warning(
+            "require_cmek is on; still stored as sent: unencrypted_paths %s, unencrypted_ttl %s",
+            enc.unencrypted_paths,
+            fields["unencrypted_ttl"],
+        )
+    if audit is not None:
+        audit.append("policy.loaded", **fields)
+
+
+def _not_ready(specs: SpecStore) -> dict[str, str]:
+    if specs.loaded:
+        return {}
+    return {"specs": f"encryption specs not yet read from the backend: {specs.load_error}"}
+
+
+async def _read_specs(specs: SpecStore, objects: ObjectLayer) -> None:
+    """Read the spec store once; a backend not reachable yet does not stop the start: the
+    data path answers 503 (``NotLoadedPolicy``) until the poller's first successful read."""
+    try:
+        await specs.refresh()
+    except S3Error as exc:
+        specs.load_error = str(exc)
+        objects.policy = NotLoadedPolicy(str(exc))
+        log.warning("could not read the encryption specs at start, starting anyway: %s", exc)
+
+
+def _start_keys(config: Config, specs: SpecStore) -> list[StartKey]:
+    """Configuration keys (a definitive failure stops the start), then API-spec keys."""
+    out = [StartKey(uri, _location_for(config, uri), True) for uri in config.key_uris()]
+    seen = {k.uri for k in out}
+    refused = specs.policy.refused()
+    for record in specs.records():
+        uri = record.rule.key
+        if record.name in refused:
+            continue  # outside the key policy: never called
+        if record.source != "api" or uri is None:
+            continue
+        for member in (uri, *record.rule.replicas):
+            if member not in seen:
+                seen.add(member)
+                out.append(StartKey(member, record.rule.location if member == uri else None, False))
+    return out
 
 
 def _location_for(config: Config, uri: str) -> str | None:

@@ -11,8 +11,10 @@ A bad configuration raises ``ConfigError`` whose message names the field
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +103,44 @@ class Backend(_Model):
         return v.rstrip("/")
 
 
+class VaultAuthConfig(_Model):
+    """How the Transit provider logs in (see ``proxy/kms/vault_auth.py``)."""
+
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    mount: str | None = None
+    """The auth method's mount path; default ``approle`` / ``kubernetes``."""
+    token: str | None = None
+    token_file: Path | None = None
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id: str | None = None
+    """Prefer ``secret_id_file`` or ``CMEK_PROXY__KMS__VAULT__AUTH__SECRET_ID``."""
+    secret_id_file: Path | None = None
+    role: str | None = None
+    """Kubernetes auth role."""
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuthConfig:
+        if self.method == "approle" and not (self.role_id or self.role_id_file):
+            raise ValueError("approle needs role_id or role_id_file")
+        if self.method == "kubernetes" and not self.role:
+            raise ValueError("kubernetes needs role")
+        return self
+
+
+class VaultConfig(_Model):
+    """Vault / OpenBao Transit: transport, namespace and login."""
+
+    tls: bool = True
+    """HTTPS (verified); false only for a local dev server over plain HTTP."""
+    ca_file: Path | None = None
+    """PEM CA bundle to verify the server with, instead of the system trust store."""
+    namespace: str | None = None
+    """Sent as ``X-Vault-Namespace`` (Vault Enterprise / OpenBao namespaces)."""
+    auth: VaultAuthConfig = Field(default_factory=VaultAuthConfig)
+
+
 class Kms(_Model):
     cache_ttl: float = Field(default=300.0, gt=0, le=MAX_CACHE_TTL)
     """Seconds an unwrapped key may be used; the revocation delay. Hard cap 1 hour."""
@@ -108,9 +148,31 @@ class Kms(_Model):
     probe_interval: float = Field(default=30.0, gt=0)
     timeout: float = Field(default=5.0, gt=0)
     retries: int = Field(default=3, ge=0, le=10)
+    negative_ttl: float = Field(default=5.0, ge=0, le=60)
+    """Seconds a denied generate / unwrap is remembered per (key, bucket) / wrapped key, so
+    retries against a revoked key do not reach the KMS; 0 disables. Hard cap 60 s."""
+    start_timeout: float = Field(default=30.0, gt=0, le=600)
+    """Seconds start waits for a key's validation before marking it pending and listening."""
     providers: list[Literal["aws-kms", "gcp-kms", "azure-kv", "vault-transit"]] = Field(
         default_factory=list
     )
+    vault: VaultConfig = Field(default_factory=VaultConfig)
+    allowed_keys: list[str] = Field(default_factory=list)
+    """Patterns of the key URIs that may be used (empty: any). ``*`` matches any run of
+    characters except ``:`` (so an AWS account or a GCP project stays pinned), ``**`` any
+    run, ``?`` one character except ``:``: ``aws-kms://arn:aws:kms:*:111122223333:key/*``,
+    ``gcp-kms://projects/acme-keys/*``. The configuration, InitializeEncryptionSpec, API
+    specs read from the store and rewrap targets are refused outside them."""
+
+    @field_validator("allowed_keys")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            scheme, sep, rest = pattern.partition("://")
+            if not sep or not scheme or "*" in scheme or not rest:
+                raise ValueError(f"{pattern!r} must be <scheme>://<pattern>, e.g. gcp-kms://...")
+        return v
+
     """Providers to load besides those the configured key URIs need: keys named only by
     specs made through the admin API need their provider loaded at start."""
 
@@ -119,6 +181,9 @@ class EncryptionRule(_Model):
     """One bucket or bucket/prefix spec: a key, or passthrough."""
 
     key: str | None = None
+    replicas: list[str] = Field(default_factory=list, max_length=3)
+    """Further key URIs holding the same role as ``key`` (AWS multi-region replicas, or
+    keys in another provider): every data key is wrapped under each; reads fail over."""
     location: str | None = None
     passthrough: bool = False
     encrypted_since: datetime | None = None
@@ -129,6 +194,10 @@ class EncryptionRule(_Model):
     def _one(self) -> EncryptionRule:
         if self.passthrough == (self.key is not None):
             raise ValueError("give exactly one of 'key' or 'passthrough: true'")
+        if self.replicas and (
+            self.key in self.replicas or len(set(self.replicas)) != len(self.replicas)
+        ):
+            raise ValueError("replicas must be distinct key URIs other than 'key'")
         return self
 
 
@@ -165,6 +234,9 @@ class Encryption(_Model):
     """Optional rule: objects whose TTL header is under a threshold are stored as sent."""
     strict: bool = False
     """Refuse to serve objects that are stored unencrypted on encrypted paths."""
+    require_cmek: bool = False
+    """Refuse passthrough specs and a passthrough default (config and admin API); the
+    ``unencrypted_paths`` and ``unencrypted_ttl`` rules stay allowed (listed at start)."""
 
 
 class Specs(_Model):
@@ -237,6 +309,20 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _key_policy(self) -> Config:
+        problems: list[str] = []
+        rules = [("encryption.default", self.encryption.default)] + [
+            (f"encryption.buckets.{name}", rule) for name, rule in self.encryption.buckets.items()
+        ]
+        for where, rule in rules:
+            problem = rule_refusal(self, rule)
+            if problem:
+                problems.append(f"{where}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def audit_path(self) -> Path | None:
         if self.audit.path is not None:
             return self.audit.path
@@ -245,11 +331,59 @@ class Config(_Model):
         return None
 
     def key_uris(self) -> list[str]:
-        uris = [r.key for r in self.encryption.buckets.values() if r.key]
-        d = self.encryption.default
-        if isinstance(d, EncryptionRule) and d.key:
-            uris.append(d.key)
+        """Every configured key URI, replicas included."""
+        uris: list[str] = []
+        for rule in self.rules():
+            if rule.key:
+                uris += [rule.key, *rule.replicas]
         return sorted(set(uris))
+
+    def rules(self) -> list[EncryptionRule]:
+        """The default rule (if it is one) and every bucket rule."""
+        d = self.encryption.default
+        out = [d] if isinstance(d, EncryptionRule) else []
+        return out + list(self.encryption.buckets.values())
+
+
+@lru_cache(maxsize=256)
+def _key_pattern(pattern: str) -> re.Pattern[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^:]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^:]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def key_refusal(config: Config, key_uri: str) -> str | None:
+    """Why ``kms.allowed_keys`` refuses a key URI (a message naming the rule), or None."""
+    patterns = config.kms.allowed_keys
+    if not patterns or any(_key_pattern(p).match(key_uri) for p in patterns):
+        return None
+    return f"key {key_uri} is not allowed by kms.allowed_keys {patterns}"
+
+
+def rule_refusal(config: Config, rule: EncryptionRule | str) -> str | None:
+    """Why the key policy refuses a spec (``allowed_keys``, ``require_cmek``), or None."""
+    passthrough = rule == "passthrough" or (isinstance(rule, EncryptionRule) and rule.passthrough)
+    if passthrough and config.encryption.require_cmek:
+        return "passthrough is refused by encryption.require_cmek: true"
+    if isinstance(rule, EncryptionRule) and rule.key is not None:
+        for uri in (rule.key, *rule.replicas):
+            refusal = key_refusal(config, uri)
+            if refusal is not None:
+                return refusal
+    return None
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -167,6 +167,12 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.key_negative_hits = Counter(
+            "cmek_key_negative_cache_hits_total",
+            "Requests refused from the denial cache without calling the KMS.",
+            ["kind"],
+            registry=r,
+        )
         self.key_available = Gauge(
             "cmek_key_available",
             "1 if the configured key answered its last call or probe, else 0.",

@@ -119,6 +119,7 @@ def start_on_free_port(
     what: str,
     log: Path,
     env: dict[str, str] | None = None,
+    verify: str | bool = True,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server on a free port (output to ``log``), retrying 3x if the port was taken."""
     last: RuntimeError | None = None
@@ -129,7 +130,7 @@ def start_on_free_port(
         url = ready_url_for(port)
 
         def ready(url: str = url) -> bool:
-            return requests.get(url, timeout=1).status_code < 500
+            return requests.get(url, timeout=1, verify=verify).status_code < 500
 
         try:
             wait_ready(proc, ready, what)
@@ -273,7 +274,9 @@ class ErrorFront:
                 headers={"Content-Type": resp.headers.get("Content-Type", "application/json")},
             )
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1:<port> (0: ephemeral); ``start(front.port)`` after ``stop()``
+        brings a stopped front back on its old address."""
         self._thread.start()
 
         async def up() -> int:
@@ -282,7 +285,7 @@ class ErrorFront:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()
             self._runner = runner
             server: Any = site._server
@@ -291,11 +294,16 @@ class ErrorFront:
         self.port = self._thread.run(up())
 
     def stop(self) -> None:
+        if self._runner is None:
+            return  # already stopped
+
         async def down() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+                self._runner = None
             if self._session is not None:
                 await self._session.close()
+                self._session = None
 
         self._thread.run(down())
         self._thread.stop()
@@ -320,18 +328,30 @@ class OpenBaoServer:
     root_token: str
     pid: int
     mount: str = "transit"
+    ca_file: str | None = None
+    """The dev server's CA (``-dev-tls``); None: plain HTTP."""
 
     @property
     def host(self) -> str:
-        return self.addr.removeprefix("http://")
+        return self.addr.removeprefix("http://").removeprefix("https://")
 
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        namespace: str | None = None,
+    ) -> Any:
+        headers = {"X-Vault-Token": self.root_token}
+        if namespace:
+            headers["X-Vault-Namespace"] = namespace
         resp = requests.request(
             method,
             f"{self.addr}/v1/{path}",
             json=body,
-            headers={"X-Vault-Token": self.root_token},
+            headers=headers,
             timeout=10,
+            verify=self.ca_file or True,
         )
         if resp.status_code >= 400:
             raise RuntimeError(f"bao {method} {path}: {resp.status_code} {resp.text}")
@@ -392,6 +412,42 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoServer]
     try:
         server = OpenBaoServer(f"http://127.0.0.1:{port}", root, proc.pid)
         server.api("POST", "sys/mounts/transit", {"type": "transit"})
+        yield server
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def openbao_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoServer]:
+    """``bao server -dev -dev-tls``: HTTPS with a CA of its own (``.ca_file``), Transit
+    mounted at ``transit`` and AppRole enabled at ``approle``."""
+    bao = shutil.which("bao") or str(Path(sys.executable).parent / "bao")
+    home = tmp_path_factory.mktemp("bao-tls-home")
+    certs = home / "certs"
+    certs.mkdir()
+    ca = str(certs / "vault-ca.pem")
+    root = "root-" + os.urandom(8).hex()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
+    proc, port = start_on_free_port(
+        lambda p: [
+            bao,
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={certs}",
+            f"-dev-root-token-id={root}",
+            f"-dev-listen-address=127.0.0.1:{p}",
+        ],
+        lambda p: f"https://127.0.0.1:{p}/v1/sys/health",
+        "openbao dev server (TLS)",
+        env=env,
+        log=home / "bao.log",
+        verify=ca,
+    )
+    try:
+        server = OpenBaoServer(f"https://127.0.0.1:{port}", root, proc.pid, ca_file=ca)
+        server.api("POST", "sys/mounts/transit", {"type": "transit"})
+        server.api("POST", "sys/auth/approle", {"type": "approle"})
         yield server
     finally:
         stop_process(proc)
@@ -499,5 +555,6 @@ __all__ = [
     "gcp_kms",
     "moto_server",
     "openbao",
+    "openbao_tls",
     "vault_front",
 ]

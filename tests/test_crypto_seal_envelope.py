@@ -229,3 +229,73 @@ def test_internal_names() -> None:
     assert not is_internal("x-amz-meta-cmek") and not is_internal("x-amz-meta-user")
     headers = {**to_metadata(ENV), "X-Amz-Meta-Cmek-Ok": "x", "x-amz-meta-a": "1", "ETag": "e"}
     assert strip_internal(headers) == {"x-amz-meta-a": "1", "ETag": "e"}
+
+
+# ---- key replicas (x-amz-meta-cmek-kr, FORMAT.md 7.2) ---------------------------------
+
+
+def _replicated() -> Envelope:
+    from proxy.crypto import WrappedReplica
+
+    return Envelope(
+        kek_uri="aws-kms://arn:aws:kms:eu-west-1:111122223333:key/mrk-1",
+        kek_version="v1",
+        wrapped_data_key=os.urandom(40),
+        sealed_object_key=ENV.sealed_object_key,
+        multipart=False,
+        replicas=(
+            WrappedReplica(
+                "aws-kms://arn:aws:kms:eu-central-1:111122223333:key/mrk-1", "", b"x" * 9
+            ),
+            WrappedReplica("vault-transit://bao:8200/transit/keys/k", "v3", os.urandom(50)),
+        ),
+    )
+
+
+def test_replicas_round_trip_and_old_envelopes_unchanged() -> None:
+    env = _replicated()
+    meta = to_metadata(env)
+    assert from_metadata(meta) == env
+    plain = Envelope(
+        env.kek_uri, env.kek_version, env.wrapped_data_key, env.sealed_object_key, False
+    )
+    old = to_metadata(plain)
+    assert "x-amz-meta-cmek-kr" not in old  # no replicas: the envelope is byte-identical
+    back = from_metadata(old)
+    assert back == plain and back is not None and back.replicas == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",  # present but empty is garbled, not "no replicas"
+        "abc",  # not three fields
+        "YQ.dg.eA.eQ",  # four fields
+        "YQ.dg",  # two fields
+        "YQ.dg.",  # empty wrapped key
+        "!!.dg.eA",  # not base64
+        "YQ.dg.eA",  # well formed: the control row
+    ],
+)
+def test_replicas_garbled(value: str) -> None:
+    meta = to_metadata(_replicated())
+    meta["x-amz-meta-cmek-kr"] = value
+    if value == "YQ.dg.eA":
+        assert from_metadata(meta) is not None
+        return
+    with pytest.raises(FormatError):
+        from_metadata(meta)
+
+
+def test_replicas_repeating_a_key_or_too_many_are_refused() -> None:
+    env = _replicated()
+    meta = to_metadata(env)
+    main = base64.b64encode(env.kek_uri.encode()).decode().rstrip("=")
+    meta["x-amz-meta-cmek-kr"] = f"{main}.dg.eA"  # the main key again
+    with pytest.raises(FormatError):
+        from_metadata(meta)
+    meta["x-amz-meta-cmek-kr"] = ",".join(
+        f"{base64.b64encode(bytes([65 + i])).decode().rstrip('=')}.dg.eA" for i in range(4)
+    )
+    with pytest.raises(FormatError, match="more than 3"):
+        from_metadata(meta)

@@ -72,7 +72,8 @@ def test_kms_metrics_match_server_calls(
     name = uniq("met")
     token = openbao.create_key(name)
     uri = vault_uri(vault_front.host, name)
-    config = e2e_config(moto_server.endpoint_url, uri, tmp_path)
+    # no denial cache: the write right after reinstatement below must reach the KMS
+    config = e2e_config(moto_server.endpoint_url, uri, tmp_path, negative_ttl=0)
     with ProxyThread(config, kms_clients=vault_clients(token)) as p:
         # start-up: validation (encrypt + decrypt) and the first probe (datakey + decrypt);
         # the probe runs in the background, so wait for all four calls, then for the metrics

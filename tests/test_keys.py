@@ -23,7 +23,8 @@ from proxy.errors import (
 )
 from proxy.kms.base import DataKey, Kek, WrappedKey
 from proxy.kms.breaker import BreakerKek, BreakerState, CircuitBreaker
-from proxy.kms.keys import MAX_TTL, KeyEvent, KeyService
+from proxy.kms.health import MAX_TTL
+from proxy.kms.keys import KeyEvent, KeyService
 from proxy.kms.local import KeyFile, LocalKmsClient, create_key_file
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
@@ -299,7 +300,7 @@ async def test_expired_entries_are_swept_on_insert() -> None:
 
 
 async def test_denial_drops_all_material_of_the_key_and_later_success_restores() -> None:
-    svc, fakes, _, events = make()
+    svc, fakes, _, events = make(negative_ttl=0)  # without the denial cache
     svc.register(URI)
     svc.register(URI_B)
     wrapped = [wrap_new(svc, fakes, URI, "b") for _ in range(3)]
@@ -342,7 +343,7 @@ async def test_denial_drops_all_material_of_the_key_and_later_success_restores()
 
 
 async def test_partial_denial_does_not_flap() -> None:
-    svc, fakes, _, events = make()
+    svc, fakes, _, events = make(negative_ttl=0)
     _, w = wrap_new(svc, fakes, URI, "b")
     fakes.keks[URI].deny = {"unwrap"}
     with pytest.raises(KeyUnavailableError):
@@ -537,7 +538,7 @@ def _local_service(tmp_path: Path) -> tuple[KeyService, str, Path, list[KeyEvent
     create_key_file(path, key_id="k1")
     events: list[KeyEvent] = []
     client = LocalKmsClient()
-    svc = KeyService(client.get_kek, Metrics(), on_event=events.append)
+    svc = KeyService(client.get_kek, Metrics(), on_event=events.append, negative_ttl=0)
     return svc, f"local://{path}#k1", path, events
 
 
@@ -714,3 +715,74 @@ def test_breaker_arguments() -> None:
         CircuitBreaker(failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(reset_timeout=0)
+
+
+# ---- negative caching ------------------------------------------------------------------
+
+
+async def test_denied_unwrap_is_remembered_per_wrapped_key_for_the_period() -> None:
+    svc, fakes, clock, _ = make(negative_ttl=5.0)
+    _, w = wrap_new(svc, fakes, URI, "b")
+    _, w2 = wrap_new(svc, fakes, URI, "b")
+    kek = fakes.keks[URI]
+    kek.deny = {"unwrap"}
+    for _ in range(10):  # a client retrying against the revoked key
+        with pytest.raises(KeyUnavailableError) as ei:
+            await svc.unwrap(URI, w, "b")
+        assert ei.value.kind is DenialKind.DISABLED and ei.value.key_uri == URI
+    assert kek.calls["unwrap"] == 1
+    assert svc._metrics.key_negative_hits.labels("read")._value.get() == 9
+    with pytest.raises(KeyUnavailableError):
+        await svc.unwrap(URI, w2, "b")  # another wrapped key: its own answer
+    assert kek.calls["unwrap"] == 2
+    clock.advance(5.0)  # the period is over: asked again (once)
+    for _ in range(3):
+        with pytest.raises(KeyUnavailableError):
+            await svc.unwrap(URI, w, "b")
+    assert kek.calls["unwrap"] == 3
+
+
+async def test_denied_generate_is_remembered_per_key_and_bucket() -> None:
+    svc, fakes, clock, _ = make(negative_ttl=2.0)
+    fakes(URI)
+    kek = fakes.keks[URI]
+    kek.deny = {"generate_data_key"}
+    for _ in range(5):
+        with pytest.raises(KeyUnavailableError):
+            await svc.data_key_for_write(URI, "b")
+    assert kek.calls["generate_data_key"] == 1
+    assert svc._metrics.key_negative_hits.labels("write")._value.get() == 4
+    kek.deny = set()
+    with pytest.raises(KeyUnavailableError):  # still remembered: reinstatement waits
+        await svc.data_key_for_write(URI, "b")
+    await svc.data_key_for_write(URI, "c")  # another bucket asks the KMS
+    clock.advance(2.0)
+    await svc.data_key_for_write(URI, "b")
+    assert kek.calls["generate_data_key"] == 3
+
+
+async def test_successful_probe_clears_remembered_denials() -> None:
+    svc, fakes, _, _ = make(negative_ttl=60.0)
+    svc.register(URI)
+    plain, w = wrap_new(svc, fakes, URI, "b")
+    kek = fakes.keks[URI]
+    kek.deny_all()
+    with pytest.raises(KeyUnavailableError):
+        await svc.unwrap(URI, w, "b")
+    with pytest.raises(KeyUnavailableError):
+        await svc.data_key_for_write(URI, "b")
+    await svc.probe_once()  # still denied: nothing cleared
+    with pytest.raises(KeyUnavailableError):
+        await svc.unwrap(URI, w, "b")
+    kek.deny = set()  # reinstated
+    await svc.probe_once()
+    assert svc.status()[URI].available
+    assert await svc.unwrap(URI, w, "b") == plain
+    await svc.data_key_for_write(URI, "b")
+
+
+def test_negative_ttl_is_bounded() -> None:
+    with pytest.raises(ValueError, match="negative_ttl"):
+        KeyService(Fakes(), Metrics(), negative_ttl=61.0)
+    with pytest.raises(ValueError, match="negative_ttl"):
+        KeyService(Fakes(), Metrics(), negative_ttl=-1.0)

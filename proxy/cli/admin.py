@@ -43,7 +43,9 @@ def add_parser(sub: Any) -> None:
     ao = adsub.add_parser("operation", help="GetOperation")
     ao.add_argument("id", help="operation id (operations/<id> or <id>)")
     aj = adsub.add_parser("job", help="start a job in the proxy")
-    aj.add_argument("job", choices=["rewrap", "encrypt-existing", "verify", "gc"], help="the job")
+    aj.add_argument(
+        "job", choices=["rewrap", "encrypt-existing", "verify", "inventory", "gc"], help="the job"
+    )
     add_job_flags(aj, None)
     aj.add_argument("--wait", action="store_true", help="wait for the job to finish")
     aj.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")

@@ -30,6 +30,7 @@ JOB_HELP: Final = {
     "rewrap": "move objects to another key (only the sealed keys change)",
     "encrypt-existing": "encrypt in place the plaintext objects of encrypted paths",
     "verify": "check that every object opens and authenticates",
+    "inventory": "objects and bytes per key URI and version, from envelopes only",
     "gc": "remove orphaned envelopes, upload state and job leftovers",
 }
 ONLY_FOR: Final = {"--to": "rewrap", "--sample": "verify", "--limit": "gc", "--min-age": "gc"}
@@ -38,6 +39,7 @@ RESUME: Final = {
     "rewrap": "objects already under the target key are skipped",
     "encrypt-existing": "objects already encrypted are skipped",
     "verify": "verify checks every object again; narrow it with --prefix",
+    "inventory": "inventory lists the bucket again from the start",
     "gc": "what is gone stays gone; gc goes on with what remains",
 }
 

@@ -25,7 +25,9 @@ job run from the command line) keep one chain; each line is flushed and fsynced.
 
 Events: ``spec.created``, ``spec.changed``, ``key.validated`` (``ok`` true/false),
 ``spec.activated``, ``operation.failed``, ``job.started``, ``job.finished``,
-``key.revoked`` (revocation detected), ``key.restored`` (cleared), ``key.unreachable``.
+``key.revoked`` (revocation detected), ``key.restored`` (cleared), ``key.unreachable``,
+``policy.loaded`` (the key policy at start), ``spec.refused`` / ``job.refused`` (outside
+``kms.allowed_keys`` or ``encryption.require_cmek``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 
 from proxy.config import Encryption, EncryptionRule, UnencryptedTtl
+from proxy.errors import S3Error
 from proxy.layer.decision import Decision
 
 __all__ = ["RULE_PATH", "RULE_TTL", "Decision", "Policy", "ttl_seconds"]
@@ -78,9 +79,14 @@ class Policy:
         extra_specs: Mapping[str, EncryptionRule] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        refused: Mapping[str, str] | None = None,
     ) -> None:
         self._enc = enc
         self._clock = clock
+        # API specs read from the store that the key policy (kms.allowed_keys,
+        # encryption.require_cmek) refuses: writes under them are refused, never
+        # sent elsewhere (name -> reason)
+        self._refused = dict(refused or {})
         specs = dict(enc.buckets)
         specs.update(extra_specs or {})
         # Longest path first, so bucket/prefix wins over bucket.
@@ -92,8 +98,14 @@ class Policy:
     def encryption(self) -> Encryption:
         return self._enc
 
-    def with_specs(self, extra: Mapping[str, EncryptionRule]) -> Policy:
-        return Policy(self._enc, extra, clock=self._clock)
+    def with_specs(
+        self, extra: Mapping[str, EncryptionRule], refused: Mapping[str, str] | None = None
+    ) -> Policy:
+        return Policy(self._enc, extra, clock=self._clock, refused=refused)
+
+    def refused(self) -> dict[str, str]:
+        """API specs the key policy refuses (name -> reason)."""
+        return dict(self._refused)
 
     def specs(self) -> dict[str, EncryptionRule]:
         return dict(self._specs)
@@ -112,8 +124,22 @@ class Policy:
                 return Decision(None, RULE_TTL)
         for name, rule in self._specs:
             if path.startswith(name if "/" in name else name + "/"):
+                refusal = self._refused.get(name)
+                if refusal is not None:
+                    raise S3Error(
+                        "AccessDenied",
+                        f"the encryption spec {name} is refused by the key policy: {refusal}",
+                        403,
+                    )
                 return self._from_rule(rule, "bucket-spec")
         return self._default()
+
+    def _refused_spec(self, bucket: str, key: str) -> bool:
+        path = f"{bucket}/{key}"
+        for name, _ in self._specs:
+            if path.startswith(name if "/" in name else name + "/"):
+                return name in self._refused
+        return False
 
     def _default(self) -> Decision:
         d = self._enc.default
@@ -144,6 +170,8 @@ class Policy:
         moment encryption was turned on for its path is legacy plaintext. ``headers`` (a
         stored object's response headers): an object the TTL rule let through is not.
         """
+        if self._refused and self._refused_spec(bucket, key):
+            return True  # written under the refused spec's key, if at all
         d = self.decide(bucket, key, headers)
         if not d.encrypt:
             return False

@@ -32,13 +32,14 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
-from proxy.config import Config, EncryptionRule
-from proxy.control.policy import Policy
+from proxy.config import Config, EncryptionRule, rule_refusal
+from proxy.control.policy import Decision, Policy
 from proxy.errors import ConfigError, S3Error
 from proxy.wire.xmldoc import parse_backend
 
 SPEC_PREFIX: Final = ".cmek-proxy/specs/"
 OPERATION_PREFIX: Final = ".cmek-proxy/operations/"
+REPORT_PREFIX: Final = ".cmek-proxy/reports/"
 _MAX_PAGES: Final = 1000
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class SpecRecord:
         spec: dict[str, Any] = (
             {"passthrough": True} if self.rule.passthrough else {"kms_key": self.rule.key}
         )
+        if self.rule.replicas:
+            spec["replicas"] = list(self.rule.replicas)
         if self.rule.location:
             spec["location"] = self.rule.location
         out: dict[str, Any] = {
@@ -98,6 +101,7 @@ class SpecRecord:
         since = data.get("encrypted_since")
         rule = EncryptionRule(
             key=spec.get("kms_key"),
+            replicas=list(spec.get("replicas") or []),
             location=spec.get("location"),
             passthrough=bool(spec.get("passthrough", False)),
             encrypted_since=datetime.fromisoformat(since) if since else None,
@@ -112,6 +116,36 @@ class SpecRecord:
             activate_time=data.get("activate_time"),
             operation=data.get("operation"),
         )
+
+
+class NotLoadedPolicy:
+    """The data path's policy until the spec store has been read once (backend unreachable
+    at start): every object decision answers 503, so no write goes out under a policy
+    that lacks the API specs."""
+
+    strict = True
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _unavailable(self) -> S3Error:
+        return S3Error(
+            "ServiceUnavailable",
+            "the proxy has not yet read its encryption specs from the backend; retry",
+            503,
+        )
+
+    def decide(self, bucket: str, key: str, headers: Mapping[str, str] | None = None) -> Decision:
+        raise self._unavailable()
+
+    def may_be_encrypted(
+        self,
+        bucket: str,
+        key: str,
+        last_modified: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        raise self._unavailable()
 
 
 class ConcurrentChange(S3Error):
@@ -136,14 +170,20 @@ class SpecStore:
     on_policy: Callable[[Policy], None]
     on_key: Callable[[str], None] = lambda _uri: None
     """Called with every key URI an API spec names (to register it for probing)."""
+    on_replicas: Callable[[str, list[str]], None] = lambda _uri, _replicas: None
+    """Called with every API spec's key and its replicas (possibly none)."""
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     policy: Policy = field(init=False)
     read_at: float = field(default_factory=time.monotonic)
     """When the store was last read successfully (monotonic; the start until then)."""
+    loaded: bool = field(init=False)
+    """Whether the store has been read (always, without a control bucket)."""
+    load_error: str = ""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.config.encryption)
+        self.loaded = self.control_bucket is None
 
     def poll_age(self) -> float:
         """Seconds since the store was last read: how stale this replica's specs may be."""
@@ -180,7 +220,7 @@ class SpecStore:
             listed = await self._list(bucket, SPEC_PREFIX)
             if listed is None:
                 self.read_at = time.monotonic()  # the store's bucket does not exist yet
-                return False
+                return self._mark_loaded()
             fresh: dict[str, _Entry] = {}
             known = {e.etag: (n, e) for n, e in self._entries.items()}
             for obj, etag in listed.items():
@@ -203,15 +243,34 @@ class SpecStore:
             if changed:
                 self._install(fresh)
             self.read_at = time.monotonic()
-            return changed
+            return self._mark_loaded() or changed
+
+    def _mark_loaded(self) -> bool:
+        """Record the first successful read; True if the data path's policy must be set."""
+        if self.loaded:
+            return False
+        self.loaded = True
+        self.load_error = ""
+        self.on_policy(self.policy)
+        return True
 
     def _install(self, entries: dict[str, _Entry]) -> None:
         self._entries = entries
-        for e in entries.values():
-            if e.record.rule.key:
-                self.on_key(e.record.rule.key)
+        refused = {
+            n: reason
+            for n, e in entries.items()
+            if (reason := rule_refusal(self.config, e.record.rule)) is not None
+        }
+        for n, e in entries.items():
+            rule = e.record.rule
+            if rule.key and n not in refused:  # a refused key is never called
+                for uri in (rule.key, *rule.replicas):
+                    self.on_key(uri)
+                self.on_replicas(rule.key, list(rule.replicas))
+        for n, reason in refused.items():
+            log.error("API encryption spec %s is refused by the key policy: %s", n, reason)
         self.policy = Policy(self.config.encryption).with_specs(
-            {n: e.record.rule for n, e in entries.items()}
+            {n: e.record.rule for n, e in entries.items()}, refused
         )
         self.on_policy(self.policy)
 
@@ -224,6 +283,8 @@ class SpecStore:
                 if await self.refresh():
                     log.info("encryption specs changed in the store; policy replaced")
             except S3Error as exc:
+                if not self.loaded:
+                    self.load_error = str(exc)
                 log.warning("could not read the spec store: %s", exc)
 
     # ----------------------------------------------------------------- write
@@ -245,10 +306,14 @@ class SpecStore:
         async with self._lock:
             previous = self.get(name)
             now = datetime.now(UTC)
-            before = self.policy.decide(bucket, prefix or "")
+            before: Decision | None
+            try:
+                before = self.policy.decide(bucket, prefix or "")
+            except S3Error:  # the spec in force is refused by the key policy
+                before = None
             since: datetime | None = None
             if rule.key is not None:
-                if before.encrypt:
+                if before is not None and before.encrypt:
                     since = (
                         datetime.fromtimestamp(before.encrypted_since, UTC)
                         if before.encrypted_since is not None
@@ -347,6 +412,37 @@ class SpecStore:
             return None
         resp, body = await self.backend.call(
             "GET", self.control_bucket, OPERATION_PREFIX + op_id + ".json", ok=(200, 404)
+        )
+        if resp.status == 404:
+            return None
+        data = json.loads(body)
+        return data if isinstance(data, dict) else None
+
+    # --------------------------------------------------------------- reports
+
+    async def save_report(self, kind: str, bucket: str, doc: Mapping[str, Any]) -> bool:
+        """Store the latest ``kind`` report of ``bucket`` (e.g. an inventory) for every
+        replica and the CLI; False without a control bucket."""
+        if self.control_bucket is None:
+            return False
+        await self._ensure_bucket(self.control_bucket)
+        await self.backend.call(
+            "PUT",
+            self.control_bucket,
+            f"{REPORT_PREFIX}{kind}/{bucket.encode().hex()}.json",
+            headers={"content-type": "application/json"},
+            body=json.dumps(dict(doc), sort_keys=True).encode(),
+        )
+        return True
+
+    async def load_report(self, kind: str, bucket: str) -> dict[str, Any] | None:
+        if self.control_bucket is None:
+            return None
+        resp, body = await self.backend.call(
+            "GET",
+            self.control_bucket,
+            f"{REPORT_PREFIX}{kind}/{bucket.encode().hex()}.json",
+            ok=(200, 404),
         )
         if resp.status == 404:
             return None

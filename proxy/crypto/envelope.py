@@ -24,12 +24,25 @@ M_DATA_KEY = "x-amz-meta-cmek-dk"
 M_OBJECT_KEY = "x-amz-meta-cmek-ok"
 M_LAYOUT = "x-amz-meta-cmek-layout"
 M_CHECKSUM = "x-amz-meta-cmek-ck"
+M_REPLICAS = "x-amz-meta-cmek-kr"
+"""Optional: the data key wrapped under the key's replicas (``WrappedReplica``), see
+docs/FORMAT.md section 7.2."""
+MAX_REPLICAS = 3
 
 LAYOUT_SINGLE = "s"
 LAYOUT_MULTIPART = "m"
 
 _REQUIRED = (M_VERSION, M_KEK, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT)
-_KNOWN = frozenset((*_REQUIRED, M_KEK_VERSION, M_CHECKSUM))
+_KNOWN = frozenset((*_REQUIRED, M_KEK_VERSION, M_CHECKSUM, M_REPLICAS))
+
+
+@dataclass(frozen=True)
+class WrappedReplica:
+    """The same data key wrapped under another key URI that holds the same role."""
+
+    kek_uri: str
+    kek_version: str
+    wrapped: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,8 @@ class Envelope:
     sealed_object_key: bytes = field(repr=False)
     multipart: bool
     checksum: str | None = None
+    replicas: tuple[WrappedReplica, ...] = ()
+    """The data key wrapped under the key's replicas (in the configured order)."""
 
 
 def _check_text(name: str, value: str, *, allow_empty: bool) -> None:
@@ -87,7 +102,51 @@ def to_metadata(env: Envelope) -> dict[str, str]:
     if env.checksum is not None:
         _check_text("checksum", env.checksum, allow_empty=False)
         meta[M_CHECKSUM] = env.checksum
+    if env.replicas:
+        meta[M_REPLICAS] = _replicas_text(env)
     return meta
+
+
+def _replicas_text(env: Envelope) -> str:
+    """``<b64 uri>.<b64 version>.<b64 wrapped>`` per replica, joined by ``,``."""
+    if len(env.replicas) > MAX_REPLICAS:
+        raise ValueError(f"at most {MAX_REPLICAS} replicas")
+    seen = {env.kek_uri}
+    parts = []
+    for r in env.replicas:
+        _check_text("replica kek_uri", r.kek_uri, allow_empty=False)
+        _check_text("replica kek_version", r.kek_version, allow_empty=True)
+        if r.kek_uri in seen or not r.wrapped:
+            raise ValueError("replica key URIs must be distinct and their wrapped keys non-empty")
+        seen.add(r.kek_uri)
+        parts.append(
+            ".".join(_b64encode(x) for x in (r.kek_uri.encode(), r.kek_version.encode(), r.wrapped))
+        )
+    return ",".join(parts)
+
+
+def _parse_replicas(kek_uri: str, text: str) -> tuple[WrappedReplica, ...]:
+    entries = text.split(",")
+    if len(entries) > MAX_REPLICAS:
+        raise FormatError(f"metadata {M_REPLICAS} holds more than {MAX_REPLICAS} replicas")
+    out: list[WrappedReplica] = []
+    seen = {kek_uri}
+    for entry in entries:
+        fields = entry.split(".")
+        if len(fields) != 3:
+            raise FormatError(f"metadata {M_REPLICAS} is malformed")
+        uri_b, version_b, wrapped = (_b64decode(M_REPLICAS, f) for f in fields)
+        try:
+            uri, version = uri_b.decode("ascii"), version_b.decode("ascii")
+            _check_text("replica kek_uri", uri, allow_empty=False)
+            _check_text("replica kek_version", version, allow_empty=True)
+        except (UnicodeDecodeError, ValueError):
+            raise FormatError(f"metadata {M_REPLICAS} names a malformed key") from None
+        if uri in seen or not wrapped:
+            raise FormatError(f"metadata {M_REPLICAS} repeats a key or holds an empty key")
+        seen.add(uri)
+        out.append(WrappedReplica(uri, version, wrapped))
+    return tuple(out)
 
 
 def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
@@ -129,6 +188,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
     if layout not in (LAYOUT_SINGLE, LAYOUT_MULTIPART):
         raise FormatError(f"metadata {M_LAYOUT} must be {LAYOUT_SINGLE!r} or {LAYOUT_MULTIPART!r}")
     checksum = found.get(M_CHECKSUM)
+    replicas = found.get(M_REPLICAS)
     return Envelope(
         kek_uri=found[M_KEK],
         kek_version=found.get(M_KEK_VERSION, ""),
@@ -136,6 +196,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
         sealed_object_key=sealed,
         multipart=layout == LAYOUT_MULTIPART,
         checksum=checksum if checksum else None,
+        replicas=_parse_replicas(found[M_KEK], replicas) if replicas is not None else (),
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from proxy.crypto.envelope import WrappedReplica
 from proxy.errors import KmsUnreachableError
 from proxy.reqctx import note_retry
 
@@ -44,9 +45,17 @@ class DataKey:
     plaintext: bytes
     wrapped: bytes
     key_version: str
+    kek_uri: str = ""
+    """The key URI ``wrapped`` is wrapped under, when not the one asked for (a replica
+    that answered while the first was unreachable); empty: the one asked for."""
+    replicas: tuple[WrappedReplica, ...] = ()
+    """The same data key wrapped under the key's other replicas."""
 
     def __repr__(self) -> str:  # never show key material
-        return f"DataKey(wrapped={len(self.wrapped)}B, key_version={self.key_version!r})"
+        return (
+            f"DataKey(wrapped={len(self.wrapped)}B, key_version={self.key_version!r}, "
+            f"replicas={len(self.replicas)})"
+        )
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter
 
+from proxy.errors import DenialKind, KeyUnavailableError
 from proxy.metrics import EVICTION_REASONS
 
 K = TypeVar("K", bound=Hashable)
@@ -89,6 +91,27 @@ class TtlCache(Generic[K, V]):
         owned.discard(key)
         if not owned:
             del self._by_uri[key[0]]
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A remembered denial: enough to raise the same error again (no key material)."""
+
+    message: str
+    kind: DenialKind
+    provider: str
+
+    @classmethod
+    def of(cls, exc: KeyUnavailableError) -> Denial:
+        return cls(str(exc), exc.kind, exc.provider)
+
+    def error(self, kek_uri: str) -> KeyUnavailableError:
+        return KeyUnavailableError(
+            f"{self.message} (denied within the last denial-cache period; not asked again)",
+            kind=self.kind,
+            key_uri=kek_uri,
+            provider=self.provider,
+        )
 
 
 async def single_flight(

@@ -1,32 +1,20 @@
 """The data-key service: bounded TTL caches, single-flight KMS calls, key health.
 
-cmek-proxy seals a fresh per-object key under a 32-byte *data key* that the
-customer's KMS generates and wraps (the S3 Bucket Keys model); object metadata
-stores the wrapped data key.  The binding context sent to the KMS is exactly
-``{"bucket": <bucket name>}``.
+A fresh per-object key is sealed under a 32-byte *data key* that the customer's KMS
+generates and wraps; the binding context is exactly ``{"bucket": <bucket name>}``.
 
-``KeyService`` keeps KMS traffic low and bounded:
-
-* **writes** - at most one ``generate_data_key`` per ``(kek_uri, bucket)`` per TTL
-  period; the data key is reused for every object written in that period, and is
-  also put into the read cache under its wrapped form;
+* **writes** - at most one ``generate_data_key`` per ``(kek_uri, bucket)`` per TTL; the
+  data key is also put into the read cache under its wrapped form(s);
 * **reads** - unwrapped material is cached by ``(kek_uri, wrapped, bucket)``;
-* **single-flight** - concurrent misses for one cache key share one KMS call; a
-  failure reaches every waiter and is not cached;
-* **bounded** - each cache holds at most ``max_entries``; material goes on expiry,
-  on capacity, and at once on denial;
-* **denial** (``KeyUnavailableError``) drops *all* material of that key, marks it
-  revoked and emits a ``KeyEvent``; calls keep going to the KMS, and the next
-  success marks the key available again - a success on the same side (encrypt:
-  generate/wrap, decrypt: unwrap) as the denial that revoked it, or a full probe /
-  validation round trip, so a key that still allows encrypt but denies decrypt
-  does not flap between revoked and restored;
-* **outage** (``KmsUnreachableError``) drops nothing: traffic is served from the
-  caches until entries expire, then the error propagates.  A per-key circuit
-  breaker stops a dead KMS from being hammered; the prober's call is the
-  periodic trial.
+* **single-flight** - concurrent misses share one KMS call; failures are not cached;
+* **bounded** - at most ``max_entries`` per cache; gone on expiry, capacity, denial;
+* **denial** drops *all* material of the key (and its replica group), marks it revoked,
+  is remembered for ``negative_ttl``; the next success on the denied side (or a probe
+  round trip) restores it, so a key allowing encrypt but denying decrypt does not flap;
+* **outage** drops nothing: caches serve until expiry; a per-key breaker fails fast and
+  the prober's call is its trial; replicas fail over (``proxy.kms.replicas``).
 
-Key material is never logged and never part of a repr.
+Key material is never logged and never part of a repr (docs/KMS.md has the bounds).
 """
 
 from __future__ import annotations
@@ -36,61 +24,34 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TypeVar
 
-from proxy.errors import KeyConfigError, KeyUnavailableError, KmsError, KmsUnreachableError
+from proxy.crypto.envelope import WrappedReplica
+from proxy.errors import (
+    DenialKind,
+    KeyConfigError,
+    KeyUnavailableError,
+    KmsError,
+    KmsUnreachableError,
+)
+from proxy.kms import health as kh
+from proxy.kms import replicas
 from proxy.kms.base import DATA_KEY_BYTES, DataKey, Kek
 from proxy.kms.breaker import BreakerKek, CircuitBreaker
-from proxy.kms.cache import TtlCache, single_flight
+from proxy.kms.cache import Denial, TtlCache, single_flight
+from proxy.kms.health import EventKind, Health, KeyEvent, KeyState, KeyStatus, Op
 from proxy.kms.metered import MeteredKek
 from proxy.metrics import Metrics
 
+__all__ = ["KeyEvent", "KeyService", "KeyState", "KeyStatus"]
+
 log = logging.getLogger(__name__)
 
-MAX_TTL: Final = 3600.0
-"""Hard cap on how long key material may stay cached (seconds)."""
-
-VALIDATION_CONTEXT: Final = {"bucket": "cmek-proxy-validation"}
-PROBE_CONTEXT: Final = {"bucket": "cmek-proxy-probe"}
-
-EventKind = Literal["revoked", "restored", "unreachable"]
-KeyState = Literal["unknown", "available", "revoked", "unreachable"]
-# which side of a key a call used: a key may allow encrypt but deny decrypt
-_Op = Literal["encrypt", "decrypt", "round_trip"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class KeyEvent:
-    """A change of a key's availability."""
-
-    kind: EventKind
-    kek_uri: str
-    reason: str
-    at: float  # wall-clock seconds since the epoch
-
-
-@dataclass(frozen=True)
-class KeyStatus:
-    """Availability of one configured key, as of its last call or probe."""
-
-    available: bool
-    state: KeyState
-    reason: str
-    since: float  # wall-clock seconds since the epoch at which ``state`` began
-
-
-@dataclass
-class _Health:
-    state: KeyState
-    reason: str
-    since: float
-    denied_op: _Op | None = None
 
 
 class KeyService:
@@ -109,15 +70,18 @@ class KeyService:
         breaker_failure_threshold: int = 5,
         breaker_reset_timeout: float = 10.0,
         probe_timeout: float = 30.0,
+        negative_ttl: float = 5.0,
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"key cache ttl must be > 0 seconds, got {ttl}")
-        if ttl > MAX_TTL:
-            raise ValueError(f"key cache ttl must be at most {MAX_TTL:.0f} seconds, got {ttl}")
+        if ttl > kh.MAX_TTL:
+            raise ValueError(f"key cache ttl must be at most {kh.MAX_TTL:.0f} seconds, got {ttl}")
         if max_entries < 1:
             raise ValueError(f"key cache max_entries must be at least 1, got {max_entries}")
         if not probe_timeout > 0:
             raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        if not 0 <= negative_ttl <= kh.MAX_NEGATIVE_TTL:
+            raise ValueError(f"negative_ttl must be within 0..{kh.MAX_NEGATIVE_TTL:.0f} s")
         self._resolve = resolve
         self._metrics = metrics
         self._clock = clock
@@ -142,12 +106,32 @@ class KeyService:
             clock=clock,
             evictions=metrics.key_cache_evictions,
         )
+        # denials remembered for ``negative_ttl`` (0: off): a client retrying against a
+        # revoked key costs the KMS at most one call per period per (key, bucket) / wrapped key
+        self._negative_ttl = negative_ttl
+        self._denied_writes: TtlCache[str, Denial] = TtlCache(
+            "denied_write",
+            ttl=max(negative_ttl, 1e-9),
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._denied_reads: TtlCache[tuple[bytes, str], Denial] = TtlCache(
+            "denied_read",
+            ttl=max(negative_ttl, 1e-9),
+            max_entries=max_entries,
+            clock=clock,
+            evictions=metrics.key_cache_evictions,
+        )
+        self._negative_hits = {k: metrics.key_negative_hits.labels(k) for k in ("write", "read")}
+        self.groups = replicas.Groups()  # keys with replicas (read-only outside)
+        self._denial_kind: dict[str, DenialKind] = {}
         self._write_flights: dict[tuple[str, str], asyncio.Task[DataKey]] = {}
         self._read_flights: dict[tuple[str, tuple[bytes, str]], asyncio.Task[bytes]] = {}
         # bumped whenever a key's material is dropped; an in-flight call that started
         # before the drop neither caches its result nor marks the key available
         self._epochs: dict[str, int] = {}
-        self._health: dict[str, _Health] = {}
+        self._health: dict[str, Health] = {}
         self._registered: dict[str, None] = {}  # insertion-ordered set
         self._hits = {k: metrics.key_cache_hits.labels(k) for k in ("write", "read")}
         self._misses = {k: metrics.key_cache_misses.labels(k) for k in ("write", "read")}
@@ -179,11 +163,42 @@ class KeyService:
             self._hits["write"].inc()
             return dk
         self._misses["write"].inc()
+        denial = self._denied_writes.get(key)
+        if denial is not None:
+            self._negative_hits["write"].inc()
+            raise denial.error(kek_uri)
         return await single_flight(
             self._write_flights, key, lambda: self._fetch_write(kek_uri, bucket)
         )
 
     async def _fetch_write(self, kek_uri: str, bucket: str) -> DataKey:
+        epoch = self._epoch(kek_uri)
+        group = self.groups.of_key(kek_uri)
+        try:
+            if group is None:
+                dk = await self._generate(kek_uri, bucket)
+            else:
+                self._fail_closed(group)
+                dk = await replicas.write_group(
+                    group,
+                    self._state,
+                    lambda m: self._generate(m, bucket),
+                    lambda m, pt: self._call(
+                        m, self._epoch(m), "encrypt", self.kek(m).wrap(pt, {"bucket": bucket})
+                    ),
+                )
+        except KeyUnavailableError as exc:
+            if self._negative_ttl > 0:
+                self._denied_writes.put((kek_uri, bucket), Denial.of(exc))
+            raise
+        if self._epoch(kek_uri) == epoch:
+            self._writes.put((kek_uri, bucket), dk)
+            self._reads.put((dk.kek_uri or kek_uri, (dk.wrapped, bucket)), dk.plaintext)
+            for r in dk.replicas:
+                self._reads.put((r.kek_uri, (r.wrapped, bucket)), dk.plaintext)
+        return dk
+
+    async def _generate(self, kek_uri: str, bucket: str) -> DataKey:
         kek = self.kek(kek_uri)
         epoch = self._epoch(kek_uri)
         dk = await self._call(kek_uri, epoch, "encrypt", kek.generate_data_key({"bucket": bucket}))
@@ -194,34 +209,75 @@ class KeyService:
                 key_uri=kek_uri,
                 provider=kek.provider,
             )
-        if self._epoch(kek_uri) == epoch:
-            self._writes.put((kek_uri, bucket), dk)
-            self._reads.put((kek_uri, (dk.wrapped, bucket)), dk.plaintext)
         return dk
 
-    async def unwrap(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
-        """The plaintext of a wrapped data key stored in ``bucket``'s object metadata."""
+    async def unwrap(
+        self,
+        kek_uri: str,
+        wrapped: bytes,
+        bucket: str,
+        replica_forms: Sequence[WrappedReplica] = (),
+    ) -> bytes:
+        """The plaintext of a wrapped data key stored in ``bucket``'s object metadata;
+        with the envelope's replica forms, by the first replica that answers."""
+        group = self.groups.containing(kek_uri)
+        if group is None and not replica_forms:
+            return await self._unwrap_one(kek_uri, wrapped, bucket)
+        forms = {kek_uri: wrapped} | {r.kek_uri: r.wrapped for r in replica_forms}
+        self._fail_closed((*(group or ()), *forms))
+        order = replicas.read_order(forms, group or tuple(forms), self._state)
+        return await replicas.read_group(order, lambda u: self._unwrap_one(u, forms[u], bucket))
+
+    async def _unwrap_one(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
         key = (kek_uri, (wrapped, bucket))
         plaintext = self._reads.get(key)
         if plaintext is not None:
             self._hits["read"].inc()
             return plaintext
         self._misses["read"].inc()
+        denial = self._denied_reads.get(key)
+        if denial is not None:
+            self._negative_hits["read"].inc()
+            raise denial.error(kek_uri)
         return await single_flight(
             self._read_flights, key, lambda: self._fetch_read(kek_uri, wrapped, bucket)
+        )
+
+    # ------------------------------------------------------------ replicas
+
+    def set_replicas(self, kek_uri: str, members: Sequence[str]) -> None:
+        """Declare the replicas of a key (empty: none); each is registered (probed)."""
+        for m in self.groups.assign(kek_uri, members):
+            self.register(m)
+
+    def _state(self, uri: str) -> KeyState:
+        h = self._health.get(uri)
+        return h.state if h is not None else "unknown"
+
+    def _fail_closed(self, group: Sequence[str]) -> None:
+        replicas.fail_closed(
+            group,
+            self._state,
+            lambda m: self._health[m].reason,
+            lambda m: self._denial_kind.get(m, DenialKind.ACCESS_DENIED),
         )
 
     async def _fetch_read(self, kek_uri: str, wrapped: bytes, bucket: str) -> bytes:
         kek = self.kek(kek_uri)
         epoch = self._epoch(kek_uri)
-        plaintext = await self._call(
-            kek_uri, epoch, "decrypt", kek.unwrap(wrapped, {"bucket": bucket})
-        )
+        try:
+            plaintext = await self._call(
+                kek_uri, epoch, "decrypt", kek.unwrap(wrapped, {"bucket": bucket})
+            )
+        except KeyUnavailableError as exc:
+            if self._negative_ttl > 0:
+                self._denied_reads.put((kek_uri, (wrapped, bucket)), Denial.of(exc))
+            raise
         if self._epoch(kek_uri) == epoch:
             self._reads.put((kek_uri, (wrapped, bucket)), plaintext)
         return plaintext
 
-    async def _call(self, kek_uri: str, epoch: int, op: _Op | None, call: Awaitable[T]) -> T:
+    async def _call(self, kek_uri: str, epoch: int, op: Op | None, call: Awaitable[T]) -> T:
         """Await one KMS call and update the key's health from its outcome.
 
         ``op`` None: a success does not by itself mark the key available (a
@@ -266,8 +322,10 @@ class KeyService:
         probe = os.urandom(DATA_KEY_BYTES)
         epoch = self._epoch(kek_uri)
         try:
-            w = await self._call(kek_uri, epoch, None, kek.wrap(probe, VALIDATION_CONTEXT))
-            back = await self._call(kek_uri, epoch, None, kek.unwrap(w.wrapped, VALIDATION_CONTEXT))
+            w = await self._call(kek_uri, epoch, None, kek.wrap(probe, kh.VALIDATION_CONTEXT))
+            back = await self._call(
+                kek_uri, epoch, None, kek.unwrap(w.wrapped, kh.VALIDATION_CONTEXT)
+            )
         except KmsUnreachableError as exc:
             raise KmsUnreachableError(
                 f"key {kek_uri} ({provider}) could not be validated: {exc}",
@@ -337,8 +395,10 @@ class KeyService:
         epoch = self._epoch(kek_uri)
         try:
             async with asyncio.timeout(self._probe_timeout):
-                dk = await self._call(kek_uri, epoch, None, kek.generate_data_key(PROBE_CONTEXT))
-                back = await self._call(kek_uri, epoch, None, kek.unwrap(dk.wrapped, PROBE_CONTEXT))
+                dk = await self._call(kek_uri, epoch, None, kek.generate_data_key(kh.PROBE_CONTEXT))
+                back = await self._call(
+                    kek_uri, epoch, None, kek.unwrap(dk.wrapped, kh.PROBE_CONTEXT)
+                )
         except (KeyUnavailableError, KmsUnreachableError):
             return  # ``_call`` has recorded it (and dropped material on denial)
         except KmsError as exc:
@@ -366,14 +426,20 @@ class KeyService:
         self._epochs[kek_uri] = self._epoch(kek_uri) + 1
         return self._writes.drop_uri(kek_uri, reason) + self._reads.drop_uri(kek_uri, reason)
 
-    def _denied(self, kek_uri: str, op: _Op | None, exc: KeyUnavailableError) -> None:
+    def _denied(self, kek_uri: str, op: Op | None, exc: KeyUnavailableError) -> None:
+        self._denial_kind[kek_uri] = exc.kind
         dropped = self._drop(kek_uri, "denied")
+        for member in self.groups.siblings(kek_uri):  # fail closed: the whole group
+            dropped += self._drop(member, "denied")
         reason = f"{exc.kind.value}: {exc}"
         if dropped:
             log.warning("key %s denied; dropped %d cached entries", kek_uri, dropped)
         self._set_health(kek_uri, "revoked", reason, denied_op=op)
 
-    def _succeeded(self, kek_uri: str, op: _Op) -> None:
+    def _succeeded(self, kek_uri: str, op: Op) -> None:
+        if op == "round_trip":  # a probe or validation that succeeded clears remembered denials
+            self._denied_writes.drop_uri(kek_uri, "dropped")
+            self._denied_reads.drop_uri(kek_uri, "dropped")
         h = self._health.get(kek_uri)
         if h is not None and h.state == "available":
             return
@@ -388,10 +454,25 @@ class KeyService:
             return
         self._set_health(kek_uri, "available", "ok")
 
+    def mark_refused(self, kek_uri: str, reason: str) -> None:
+        """A key that failed validation definitively but must not stop the start."""
+        self._drop(kek_uri, "denied")
+        self._set_health(kek_uri, "revoked", reason)
+
+    def mark_pending(self, kek_uri: str, reason: str) -> None:
+        """A key that could not be validated (KMS unreachable): not ready until it answers."""
+        h = self._health.get(kek_uri)
+        if h is None or h.state in ("unknown", "unreachable", "pending"):
+            self._set_health(kek_uri, "pending", reason)
+
     def _set_health(
-        self, kek_uri: str, state: KeyState, reason: str, *, denied_op: _Op | None = None
+        self, kek_uri: str, state: KeyState, reason: str, *, denied_op: Op | None = None
     ) -> None:
         h = self._health.get(kek_uri)
+        if h is not None and h.state == "pending" and state == "unreachable":
+            # still never validated: stays pending (not ready), with the latest reason
+            h.reason = f"not yet validated: {reason}"
+            return
         if h is not None and h.state == state:
             # ``denied_op`` stays that of the call that revoked the key, so that a key
             # still allowing one side (say encrypt) does not flap revoked/restored
@@ -399,17 +480,17 @@ class KeyService:
             return
         previous = h.state if h is not None else "unknown"
         now = self._wall_clock()
-        self._health[kek_uri] = _Health(state, reason, now, denied_op)
+        self._health[kek_uri] = Health(state, reason, now, denied_op)
         if kek_uri in self._registered:
             self._metrics.key_available.labels(kek_uri).set(1.0 if state == "available" else 0.0)
         kind: EventKind | None
         if state == "revoked":
             kind = "revoked"
             log.warning("key %s is unavailable: %s", kek_uri, reason)
-        elif state == "unreachable":
+        elif state in ("unreachable", "pending"):
             kind = "unreachable"
             log.warning("key %s is unreachable: %s", kek_uri, reason)
-        elif state == "available" and previous in ("revoked", "unreachable"):
+        elif state == "available" and previous in ("revoked", "unreachable", "pending"):
             kind = "restored"
             log.info("key %s is available again", kek_uri)
         else:

@@ -32,9 +32,7 @@ def make_kms_clients(config: Config) -> list[KmsClient]:
 
         clients.append(AzureKmsClient(DefaultAzureCredential(), retry=retry))
     if "vault-transit" in schemes:
-        from proxy.kms.vault import VaultTransitClient
-
-        clients.append(VaultTransitClient(retry=retry))
+        clients.append(vault_client(config, retry))
     return clients
 
 
@@ -53,3 +51,27 @@ class KmsResolver:
             if client.does_support(uri):
                 return client.get_kek(uri)
         raise KeyConfigError(f"no KMS provider supports key URI {uri!r}", key_uri=uri)
+
+
+def vault_client(config: Config, retry: RetryPolicy) -> KmsClient:
+    """The Transit client of ``kms.vault``: TLS with an optional CA file, namespace, login."""
+    from proxy.kms.vault import VaultTransitClient
+    from proxy.kms.vault_auth import VaultAuth
+
+    v = config.kms.vault
+    a = v.auth
+    auth = VaultAuth(
+        a.method,
+        token=a.token,
+        token_file=a.token_file,
+        mount=a.mount,
+        role_id=a.role_id,
+        role_id_file=a.role_id_file,
+        secret_id=a.secret_id,
+        secret_id_file=a.secret_id_file,
+        role=a.role,
+        jwt_file=a.jwt_file,
+    )
+    return VaultTransitClient(
+        tls=v.tls, ca_file=v.ca_file, namespace=v.namespace, auth=auth, retry=retry
+    )

@@ -23,8 +23,10 @@ Transport: HTTPS by default (verify against the system store or ``ca_file``);
 TLS is a client option rather than a URI option because it describes how this
 proxy reaches the server, not which key is meant.
 
-Token: the ``token`` constructor argument, else the file at ``token_file``, else the
-``VAULT_TOKEN`` or ``BAO_TOKEN`` environment variable.
+Token: ``auth`` (``proxy.kms.vault_auth.VaultAuth``: token, AppRole or Kubernetes login);
+by default the ``token`` constructor argument, else the file at ``token_file``, else the
+``VAULT_TOKEN`` or ``BAO_TOKEN`` environment variable.  ``namespace`` (Vault Enterprise /
+OpenBao namespaces) is sent as ``X-Vault-Namespace`` with every request, logins included.
 
 Policy the customer must grant the proxy's token (mount ``transit``, key ``cmek``)::
 
@@ -69,6 +71,7 @@ from proxy.kms.base import (
     with_retries,
 )
 from proxy.kms.local import context_aad
+from proxy.kms.vault_auth import VaultAuth
 
 PREFIX = "vault-transit://"
 PROVIDER = "vault-transit"
@@ -110,26 +113,61 @@ class VaultTransitKek:
         )
 
     async def _post(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        session = await self._owner.session()
-        headers = {"X-Vault-Token": self._owner.token(), "X-Vault-Request": "true"}
+        owner = self._owner
+        session = await owner.session()
+        base_headers = owner.base_headers()
         url = self._url(op)
-        try:
-            async with session.post(url, json=body, headers=headers) as resp:
-                status = resp.status
-                try:
-                    payload = await resp.json(content_type=None)
-                except ValueError:
-                    payload = None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise KmsUnreachableError(
-                f"{PROVIDER} key {self._uri}: {op}: {exc.__class__.__name__}: {exc}",
-                key_uri=self._uri,
-                provider=PROVIDER,
-            ) from exc
+        for attempt in (0, 1):
+            token = await self._token(session, base_headers)
+            headers = {**base_headers, "X-Vault-Token": token}
+            try:
+                async with session.post(url, json=body, headers=headers) as resp:
+                    status = resp.status
+                    try:
+                        payload = await resp.json(content_type=None)
+                    except ValueError:
+                        payload = None
+            except aiohttp.ClientSSLError as exc:  # a wrong CA or name: not transient
+                raise KeyConfigError(
+                    f"{PROVIDER} key {self._uri}: {op}: TLS: {exc} (kms.vault.ca_file)",
+                    key_uri=self._uri,
+                    provider=PROVIDER,
+                ) from exc
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                raise KmsUnreachableError(
+                    f"{PROVIDER} key {self._uri}: {op}: {exc.__class__.__name__}: {exc}",
+                    key_uri=self._uri,
+                    provider=PROVIDER,
+                ) from exc
+            if status == 403 and attempt == 0 and owner.auth.renews:
+                # a login token may have expired or been revoked: one fresh login, one retry
+                owner.auth.invalidate(self._base, token)
+                continue
+            break
         if status == 200 and isinstance(payload, dict) and isinstance(payload.get("data"), dict):
             data: dict[str, Any] = payload["data"]
             return data
         raise self._error(op, status, payload)
+
+    async def _token(self, session: aiohttp.ClientSession, headers: dict[str, str]) -> str:
+        """The token for this key's server; login errors name the key."""
+        try:
+            return await self._owner.auth.get(session, self._base, headers)
+        except KeyUnavailableError as exc:
+            raise KeyUnavailableError(
+                f"{PROVIDER} key {self._uri}: {exc}",
+                kind=exc.kind,
+                key_uri=self._uri,
+                provider=PROVIDER,
+            ) from exc
+        except KmsUnreachableError as exc:
+            raise KmsUnreachableError(
+                f"{PROVIDER} key {self._uri}: {exc}", key_uri=self._uri, provider=PROVIDER
+            ) from exc
+        except KeyConfigError as exc:
+            raise KeyConfigError(
+                f"{PROVIDER} key {self._uri}: {exc}", key_uri=self._uri, provider=PROVIDER
+            ) from exc
 
     def _error(self, op: str, status: int, payload: object) -> Exception:
         errors: list[str] = []
@@ -257,12 +295,16 @@ class VaultTransitClient:
         verify: bool = True,
         session: aiohttp.ClientSession | None = None,
         retry: RetryPolicy | None = None,
+        namespace: str | None = None,
+        auth: VaultAuth | None = None,
     ) -> None:
-        self._token = token
-        self._token_file = Path(token_file) if token_file is not None else None
+        self.auth = auth or VaultAuth(
+            "token", token=token, token_file=Path(token_file) if token_file is not None else None
+        )
         self._tls = tls
         self._ca_file = ca_file
         self._verify = verify
+        self._namespace = namespace.strip("/") if namespace else None
         self._session = session
         self._own_session = session is None
         self.retry = retry or RetryPolicy()
@@ -272,28 +314,16 @@ class VaultTransitClient:
         """Whether the server is reached over https (else plain http, dev servers)."""
         return self._tls
 
+    def base_headers(self) -> dict[str, str]:
+        """Headers of every request: ``X-Vault-Request`` and the namespace, if any."""
+        headers = {"X-Vault-Request": "true"}
+        if self._namespace:
+            headers["X-Vault-Namespace"] = self._namespace
+        return headers
+
     def token(self) -> str:
-        """The token: constructor, then token file (re-read each call), then env."""
-        if self._token:
-            return self._token
-        if self._token_file is not None:
-            try:
-                tok = self._token_file.read_text().strip()
-            except OSError as exc:
-                raise KeyConfigError(
-                    f"{PROVIDER}: cannot read token file {self._token_file}: {exc.strerror}",
-                    provider=PROVIDER,
-                ) from exc
-            if tok:
-                return tok
-        for var in ("VAULT_TOKEN", "BAO_TOKEN"):
-            tok = os.environ.get(var, "").strip()
-            if tok:
-                return tok
-        raise KeyConfigError(
-            f"{PROVIDER}: no token (pass token=, token_file=, or set VAULT_TOKEN/BAO_TOKEN)",
-            provider=PROVIDER,
-        )
+        """The fixed token of the ``token`` method (constructor, token file, env)."""
+        return self.auth.static_token()
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None:

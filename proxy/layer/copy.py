@@ -318,9 +318,10 @@ class CopyLayer:
                 object_key, env.checksum, (src.bucket, src.key), (bucket, key)
             )
         return crypto.Envelope(
-            kek_uri=env.kek_uri,
+            kek_uri=dk.kek_uri or env.kek_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
+            replicas=dk.replicas,
             sealed_object_key=sealed,
             multipart=env.multipart,
             checksum=checksum,

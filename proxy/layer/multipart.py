@@ -119,9 +119,10 @@ class MultipartLayer:
                 crypto.Binding(bucket=bucket, key=key, multipart=True),
             )
             env = crypto.Envelope(
-                kek_uri=decision.key_uri,
+                kek_uri=dk.kek_uri or decision.key_uri,
                 kek_version=dk.key_version,
                 wrapped_data_key=dk.wrapped,
+                replicas=dk.replicas,
                 sealed_object_key=sealed,
                 multipart=True,
             )

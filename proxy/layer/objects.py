@@ -361,7 +361,9 @@ class ObjectLayer(ObjectWrites):
     # ------------------------------------------------------------------ helpers
     async def object_key_for(self, bucket: str, key: str, env: crypto.Envelope) -> bytes:
         try:
-            data_key = await self.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+            data_key = await self.keys.unwrap(
+                env.kek_uri, env.wrapped_data_key, bucket, env.replicas
+            )
         except (KeyUnavailableError, IntegrityError):
             self.envelopes.invalidate(bucket, key)  # a rewrap may have replaced it
             raise

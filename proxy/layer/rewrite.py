@@ -148,9 +148,10 @@ async def _write_multipart(
         assert decision.key_uri is not None
         dk = await objects.keys.data_key_for_write(decision.key_uri, bucket)
         env = crypto.Envelope(
-            kek_uri=decision.key_uri,
+            kek_uri=dk.kek_uri or decision.key_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
+            replicas=dk.replicas,
             sealed_object_key=crypto.seal_object_key(
                 dk.plaintext, object_key, crypto.Binding(bucket=bucket, key=key, multipart=True)
             ),

@@ -109,9 +109,10 @@ class ObjectWrites:
             ck = StoredChecksum(declared.algorithm, declared.value)
             sealed_ck = seal_checksum(object_key, bucket, key, ck)
         env = crypto.Envelope(
-            kek_uri=decision.key_uri,
+            kek_uri=dk.kek_uri or decision.key_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
+            replicas=dk.replicas,
             sealed_object_key=sealed,
             multipart=False,
             checksum=sealed_ck,

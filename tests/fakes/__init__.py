@@ -54,3 +54,4 @@ class LoopThread:
             self._thread.join(timeout=10)
         self._loop = None
         self._thread = None
+        self._ready.clear()  # so that a later start() waits for its own loop

@@ -337,8 +337,9 @@ class FakeKeyVault:
 
     # ---- lifecycle --------------------------------------------------------------------
 
-    def start(self, tls: TlsMaterial) -> int:
-        """Serve HTTPS on 127.0.0.1:<ephemeral>; returns the port."""
+    def start(self, tls: TlsMaterial, port: int = 0) -> int:
+        """Serve HTTPS on 127.0.0.1:<port> (0: ephemeral); returns the port. A stopped
+        fake can be started again on its old port with its keys."""
         self._thread.start()
 
         async def up() -> int:
@@ -348,7 +349,7 @@ class FakeKeyVault:
             await runner.setup()
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(tls.cert_path, tls.key_path)
-            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+            site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx)
             await site.start()
             self._runner = runner
             server = site._server

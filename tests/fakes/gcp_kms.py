@@ -275,17 +275,20 @@ class FakeGcpKms:
 
     # ---- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> int:
-        """Start serving on 127.0.0.1:<ephemeral>; returns the port."""
+    def start(self, port: int = 0) -> int:
+        """Start serving on 127.0.0.1:<port> (0: ephemeral); returns the port.
+
+        A stopped fake can be started again on its old port (``start(fake.port)``) with
+        its keys: a KMS that was down and came back."""
         self._thread.start()
 
         async def up() -> int:
             server = grpc.aio.server()
             server.add_generic_rpc_handlers((self._handler(),))
-            port = int(server.add_insecure_port("127.0.0.1:0"))
+            bound = int(server.add_insecure_port(f"127.0.0.1:{port}"))
             await server.start()
             self._server = server
-            return port
+            return bound
 
         self.port = self._thread.run(up())
         return self.port

@@ -15,9 +15,11 @@ Shaped after the Google Agent Assist CMEK API, for buckets instead of locations
 ``GET /v1/buckets/{bucket}/encryptionSpec[?prefix=P]``  GetEncryptionSpec
 ``GET /v1/encryptionSpecs``  ListEncryptionSpecs (config and API specs, with their source)
 ``GET /v1/audit/head``  the audit chain's head ``{"entries", "last_hash"}``
+``GET /v1/buckets/{bucket}/inventory``  the latest finished inventory of the bucket
+    (objects and bytes per key URI, version, provider; plaintext counts).
 ``POST /v1/buckets/{bucket}/jobs``  start ``verify`` / ``rewrap`` / ``encrypt-existing`` /
-    ``gc``; body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?, "sample"?,
-    "target_key"?, "limit"? (gc), "min_age"? (gc)}``;
+    ``inventory`` / ``gc``; body ``{"job": ..., "prefix"?, "dry_run"?, "concurrency"?,
+    "sample"?, "target_key"?, "limit"? (gc), "min_age"? (gc)}``;
     answers an operation whose ``metadata.progress`` counts objects and bytes.
 
 Every route needs ``Authorization: Bearer <admin.token>`` (compared in constant time); only
@@ -40,9 +42,10 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.config import EncryptionRule
+from proxy.config import EncryptionRule, key_refusal, rule_refusal
 from proxy.control.audit import AuditLog
 from proxy.control.jobs import JOBS, JobContext, JobOptions, JobProgress
+from proxy.control.jobs.standalone import report_doc
 from proxy.control.specs import SpecStore, new_operation_id, spec_name, utc_iso
 from proxy.errors import CmekError, KmsError, KmsUnreachableError
 from proxy.kms.keys import KeyService
@@ -129,6 +132,7 @@ class AdminApi:
     gc_min_age: float = 3600.0
     _operations: OrderedDict[str, Operation] = field(default_factory=OrderedDict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _inventories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- wiring
 
@@ -141,6 +145,7 @@ class AdminApi:
         r.add_get("/v1/operations", self._auth(self.list_operations))
         r.add_post("/v1/buckets/{bucket}/jobs", self._auth(self.start_job))
         r.add_get("/v1/audit/head", self._auth(self.audit_head))
+        r.add_get("/v1/buckets/{bucket}/inventory", self._auth(self.get_inventory))
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -219,6 +224,7 @@ class AdminApi:
         try:
             rule = EncryptionRule(
                 key=spec.get("kms_key"),
+                replicas=spec.get("replicas") or [],
                 location=spec.get("location"),
                 passthrough=bool(spec.get("passthrough", False)),
             )
@@ -232,6 +238,15 @@ class AdminApi:
                 "FAILED_PRECONDITION",
                 "specs.control_bucket is not configured: specs can only come from the config",
             )
+        refusal = rule_refusal(self.specs.config, rule)
+        if refusal is not None:
+            self.audit.append(
+                "spec.refused",
+                spec=spec_name(bucket, prefix),
+                new=_spec_json(rule),
+                reason=refusal,
+            )
+            return error_response("FAILED_PRECONDITION", refusal, encryption_spec=_spec_json(rule))
         op = Operation(
             new_operation_id(),
             "initializeEncryptionSpec",
@@ -254,6 +269,8 @@ class AdminApi:
             try:
                 async with asyncio.timeout(self.validation_timeout):
                     await self.keys.validate(rule.key, rule.location)
+                    for replica in rule.replicas:  # every replica must work as well
+                        await self.keys.validate(replica, None)
             except KmsError as exc:
                 status = (
                     "UNAVAILABLE" if isinstance(exc, KmsUnreachableError) else "FAILED_PRECONDITION"
@@ -363,6 +380,19 @@ class AdminApi:
 
     # ------------------------------------------------------------------ jobs
 
+    async def get_inventory(self, request: web.Request) -> web.Response:
+        """The latest finished ``inventory`` job of the bucket (from any replica or the CLI)."""
+        bucket = request.match_info["bucket"]
+        problem = _check_target(bucket, None)
+        if problem:
+            return error_response("INVALID_ARGUMENT", problem)
+        doc = await _latest_inventory(self, bucket)
+        if doc is None:
+            return error_response(
+                "NOT_FOUND", f"no inventory of {bucket} yet: start the inventory job"
+            )
+        return web.json_response(doc)
+
     async def start_job(self, request: web.Request) -> web.Response:
         bucket = request.match_info["bucket"]
         try:
@@ -393,6 +423,11 @@ class AdminApi:
             )
         except (TypeError, ValueError) as exc:
             return error_response("INVALID_ARGUMENT", str(exc))
+        if opts.target_key is not None:
+            refusal = key_refusal(self.specs.config, str(opts.target_key))
+            if refusal is not None:
+                self.audit.append("job.refused", job=kind, bucket=bucket, reason=refusal)
+                return error_response("FAILED_PRECONDITION", refusal)
         progress = JobProgress(kind, opts)
         op = Operation(
             new_operation_id(),
@@ -405,9 +440,22 @@ class AdminApi:
         async def work(o: Operation) -> None:
             result = await run(self.jobs, opts, progress)
             o.response = {"@type": "JobSummary", **result.to_json()}
+            if kind == "inventory":
+                doc = {**report_doc(result, "admin-api"), "operation": o.name}
+                self._inventories[bucket] = doc
+                await self.specs.save_report("inventory", bucket, doc)
 
         await self._start(op, work)
         return web.json_response({"name": op.name})
+
+
+async def _latest_inventory(api: AdminApi, bucket: str) -> dict[str, Any] | None:
+    """This replica's latest inventory of the bucket, else the stored one (any replica, CLI)."""
+    stored = await api.specs.load_report("inventory", bucket)
+    mine = api._inventories.get(bucket)
+    if mine is None or (stored is not None and stored["finish_time"] > mine["finish_time"]):
+        return stored
+    return mine
 
 
 def _check_target(bucket: str, prefix: str | None) -> str | None:
@@ -423,6 +471,8 @@ def _check_target(bucket: str, prefix: str | None) -> str | None:
 
 def _spec_json(rule: EncryptionRule) -> dict[str, Any]:
     out: dict[str, Any] = {"passthrough": True} if rule.passthrough else {"kms_key": rule.key}
+    if rule.replicas:
+        out["replicas"] = list(rule.replicas)
     if rule.location:
         out["location"] = rule.location
     return out

@@ -101,6 +101,8 @@ class JobProgress:
     done: bool = False
     last_key: str = ""
     """gc: the last reserved key examined when the run stopped at its limit ("" at the end)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Job-specific report sections (``inventory``), included in ``to_json``."""
 
     def outcome(self, what: str) -> None:
         self.objects += 1
@@ -127,6 +129,7 @@ class JobProgress:
             "errors": list(self.errors),
             "done": self.done,
             **({"last_key": self.last_key} if self.last_key else {}),
+            **self.extra,
         }
 
     def summary(self) -> str:
@@ -140,6 +143,17 @@ class JobProgress:
         if self.by_key:
             lines.append("  per key and version:")
             lines += [f"    {k}: {v}" for k, v in sorted(self.by_key.items())]
+        inv = self.extra.get("inventory")
+        if inv:
+            lines.append("  per key (objects, stored bytes):")
+            for uri, k in sorted(inv["keys"].items()):
+                lines.append(f"    {uri} [{k['provider']}]: {k['objects']} objects, {k['bytes']} B")
+                lines += [
+                    f"      version {v}: {n['objects']} objects, {n['bytes']} B"
+                    for v, n in sorted(k["versions"].items())
+                ]
+            for kind in ("plaintext_legacy", "plaintext_allowed"):
+                lines.append(f"  {kind}: {inv[kind]['objects']} objects, {inv[kind]['bytes']} B")
         lines += [f"  ! {e['key']}: {e['error']}: {e['message']}" for e in self.errors[:20]]
         return "\n".join(lines)
 
@@ -201,7 +215,7 @@ async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 
 async def object_key_of(ctx: JobContext, bucket: str, key: str, env: Envelope) -> bytes:
-    dk = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+    dk = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
     return crypto.open_object_key(
         dk, env.sealed_object_key, crypto.Binding(bucket=bucket, key=key, multipart=env.multipart)
     )

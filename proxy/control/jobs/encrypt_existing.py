@@ -132,9 +132,10 @@ async def encrypt_existing(
         object_key = crypto.new_object_key()
         binding = crypto.Binding(bucket=bucket, key=key, multipart=False)
         env = crypto.Envelope(
-            kek_uri=decision.key_uri,
+            kek_uri=dk.kek_uri or decision.key_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
+            replicas=dk.replicas,
             sealed_object_key=crypto.seal_object_key(dk.plaintext, object_key, binding),
             multipart=False,
         )

@@ -21,8 +21,11 @@ Replacing the envelope:
   is overwritten; a concurrent client write makes a new version with its own envelope, so
   nothing can be lost.
 
-Re-running finishes the work: objects already under the target key are skipped
-(``already``). Objects stored as sent are skipped (``plaintext``). Data keys of the old key
+Re-running finishes the work: objects already under the target key and exactly its
+configured replicas are skipped (``already``); an object whose envelope lacks a replica of
+the target key, or holds one no longer configured, is rewrapped - that is how replicas are
+added to and removed from existing objects (the data is not touched). Objects stored as
+sent are skipped (``plaintext``). Data keys of the old key
 stay cached in a running proxy for at most ``kms.cache_ttl``.
 """
 
@@ -68,7 +71,10 @@ async def rewrap(
         if target is None:
             prog.outcome("skipped-not-encrypted-by-policy")
             return
-        if env.kek_uri == target:
+        group = ctx.keys.groups.members(target)
+        if env.kek_uri in group and {env.kek_uri, *(r.kek_uri for r in env.replicas)} == set(
+            group
+        ):  # under the key and exactly its configured replicas
             prog.by_key[target] += 1
             prog.outcome("already")
             return
@@ -78,20 +84,22 @@ async def rewrap(
             prog.outcome("would-rewrap")
             return
         binding = crypto.Binding(bucket=bucket, key=key, multipart=env.multipart)
-        old = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket)
+        old = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
         object_key = crypto.open_object_key(old, env.sealed_object_key, binding)
         new = await ctx.keys.data_key_for_write(target, bucket)
         sealed = crypto.seal_object_key(new.plaintext, object_key, binding)
         # the new form must open through the KMS before it replaces anything
-        back = await kms_unwrap(target, new.wrapped)
+        main = new.kek_uri or target  # a replica, if the key itself was unreachable
+        back = await kms_unwrap(main, new.wrapped)
         if not hmac.compare_digest(crypto.open_object_key(back, sealed, binding), object_key):
             raise IntegrityError(f"{key}: the resealed key does not open to the object key")
         new_env = replace(
             env,
-            kek_uri=target,
+            kek_uri=main,
             kek_version=new.key_version,
             wrapped_data_key=new.wrapped,
             sealed_object_key=sealed,
+            replicas=new.replicas,  # adds and removes replicas: only the envelope changes
         )
         if ctx.envelopes.kind == "sidecar":
             await ctx.envelopes.before_commit(bucket, key, new_env, etag)
@@ -111,7 +119,8 @@ async def rewrap(
             got = crypto.from_metadata(after.headers)
             if (
                 got is None
-                or got.kek_uri != target
+                or got.kek_uri != main
+                or got.replicas != new.replicas
                 or got.wrapped_data_key != new.wrapped
                 or got.sealed_object_key != sealed
             ):
