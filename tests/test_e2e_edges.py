@@ -313,3 +313,21 @@ def test_date_condition_that_is_no_date_is_ignored(
         assert (r.status, r.body) == (200, b"cond"), r
         r = _send(proxy, "HEAD", f"/{bucket}/c", headers={h: "31 Feb 20xx"})
         assert r.status == 200, r
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "99999999999", "", "\uff11"])
+def test_counts_in_the_query_are_integers(
+    proxy: ProxyThread, client: Any, bucket: str, value: str
+) -> None:
+    """moto answered ``max-keys=abc``, ``max-keys=-5`` and ``max-parts=abc`` with a 500."""
+    up = client.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+    v = quote(value)
+    for target in (
+        f"/{bucket}?list-type=2&max-keys={v}",
+        f"/{bucket}?max-keys={v}",
+        f"/{bucket}?uploads&max-uploads={v}",
+        f"/{bucket}/mp?uploadId={quote(up)}&max-parts={v}",
+        f"/{bucket}/mp?uploadId={quote(up)}&part-number-marker={v}",
+    ):
+        _s3_error(_send(proxy, "GET", target), 400, "InvalidArgument")
+    client.abort_multipart_upload(Bucket=bucket, Key="mp", UploadId=up)

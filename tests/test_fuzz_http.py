@@ -5,7 +5,8 @@ listings, tagging, copies) are mutated at the byte, line, path, query, header an
 level, then sent over raw sockets.  Whatever comes back must be an answer the proxy stands
 by: no 500 at all (503 ServiceUnavailable and 501 NotImplemented are deliberate answers),
 every error an S3 XML document, no request left without an answer (a per-request deadline
-catches hangs), and ``/healthz`` alive at the end.
+catches hangs), ``/healthz`` alive at the end, and a reserved object planted in the backend
+(``.cmek-proxy/canary``, named by several mutations) still there, unchanged.
 
 ``CMEK_FUZZ_COUNT`` sets the number of requests per backend (default 300);
 ``CMEK_FUZZ_SEED`` the seed (the failing seed and case are in the assertion message).
@@ -30,7 +31,8 @@ DEADLINE = 20.0
 
 NASTY_PATH = [
     "//", "/../", "/./", "%00", "%FF", "%2F", "%5C", "\\", "%0D%0A", "\t", " ", "%", "%zz",
-    ".cmek-proxy/", "%2Ecmek-proxy%2F", ".CMEK-PROXY/", "?", "#", "%EF%BF%BE", "~", "*",
+    ".cmek-proxy/", "%2Ecmek-proxy%2F", ".CMEK-PROXY/", ".cmek-proxy/canary", "../", "?", "#",
+    "%EF%BF%BE", "~", "*",
 ]
 NASTY_QUERY = [
     "delete", "uploads", "uploadId=x", "partNumber=0", "partNumber=99999", "versionId=x",
@@ -39,6 +41,7 @@ NASTY_QUERY = [
     "encoding-type=url", "encoding-type=bogus", "tagging", "acl", "versions",
     "key-marker=.cmek-proxy/", "delimiter=%00", "prefix=%FF", "x-id=Foo", "select",
     "attributes", "restore", "response-content-type=%0D%0Ax", "list-type=2&fetch-owner=true",
+    "max-parts=abc", "max-uploads=-1", "part-number-marker=x", "uploadId=.cmek-proxy%2F",
 ]
 NASTY_HEADERS = [
     "Content-Length: -1", "Content-Length: 1", "Content-Length: abc", "Content-Length: 1, 2",
@@ -56,7 +59,7 @@ NASTY_HEADERS = [
 ]
 NASTY_BODIES = [
     b"",
-    b"<Delete><Object><Key>.cmek-proxy/x</Key></Object></Delete>",
+    b"<Delete><Object><Key>.cmek-proxy/canary</Key></Object></Delete>",
     b'<!DOCTYPE d [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;&a;">]><Delete><Object>'
     b"<Key>&b;</Key></Object></Delete>",
     b'<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><Tagging>&x;</Tagging>',
@@ -216,8 +219,10 @@ def _check(case: str, r: Reply, head: bool) -> None:
 
 
 def test_fuzz_raw_requests(
-    proxy: ProxyThread, client: Any, bucket: str, backend: Server
+    proxy: ProxyThread, client: Any, direct: Any, bucket: str, backend: Server
 ) -> None:
+    canary = b"the proxy's own state"
+    direct.put_object(Bucket=bucket, Key=".cmek-proxy/canary", Body=canary)
     client.put_object(Bucket=bucket, Key="a", Body=b"the object a")
     client.put_object(Bucket=bucket, Key="d/e", Body=b"e")
     client.put_object(Bucket=bucket, Key="untouched", Body=b"no seed names this key")
@@ -251,7 +256,8 @@ def test_fuzz_raw_requests(
         outcomes[str(r.status)] = outcomes.get(str(r.status), 0) + 1
     with urllib.request.urlopen(proxy.admin + "/healthz", timeout=DEADLINE) as resp:
         assert resp.status == 200
-    # the proxy still serves its clients
+    # reserved state untouched, and the proxy still serves its clients
+    assert direct.get_object(Bucket=bucket, Key=".cmek-proxy/canary")["Body"].read() == canary
     assert client.get_object(Bucket=bucket, Key="untouched")["Body"].read() == (
         b"no seed names this key"
     )

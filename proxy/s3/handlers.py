@@ -100,6 +100,7 @@ class S3Handlers:
 
     async def dispatch(self, request: web.Request, target: Target) -> web.StreamResponse:
         verified = await self.auth.authenticate(request)
+        check_counts(target)
         source = request.headers.get("x-amz-copy-source")
         if source is not None and request.method == "PUT" and target.key is not None:
             src = parse_copy_source(source)  # the same rules as the bucket and key written
@@ -350,6 +351,24 @@ _RESPONSE_OVERRIDES = (
     "response-content-disposition",
     "response-content-encoding",
 )
+
+
+COUNT_PARAMS = ("max-keys", "max-uploads", "max-parts", "part-number-marker")
+MAX_INT = 2**31 - 1
+
+
+def check_counts(t: Target) -> None:
+    """Counts in the query are integers S3 takes (a backend may answer others with a 500)."""
+    for name in COUNT_PARAMS:
+        value = t.get(name)
+        if value is None or (value.isascii() and value.isdigit() and int(value) <= MAX_INT):
+            continue
+        raise S3Error(
+            "InvalidArgument",
+            f"Provided {name} not an integer or within integer range",
+            400,
+            extra={"ArgumentName": name, "ArgumentValue": value[:64]},
+        )
 
 
 def check_document(t: Target, body: bytes) -> None:
