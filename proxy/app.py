@@ -143,6 +143,7 @@ def build(
 
     async def spec_store(_: web.Application) -> AsyncIterator[None]:
         await specs.refresh()
+        await specs.record_activations()
         poller = asyncio.create_task(specs.run_poller())
         collector = GcRunner(jobs, config.gc)
         gc_task = asyncio.create_task(collector.run_forever()) if config.gc.interval else None

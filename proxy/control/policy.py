@@ -78,9 +78,13 @@ class Policy:
         extra_specs: Mapping[str, EncryptionRule] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        activations: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self._enc = enc
         self._clock = clock
+        # (bucket, spec name or "default") -> epoch seconds the config rule first took effect
+        # there (``proxy.control.activation``); a rule's own ``encrypted_since`` wins.
+        self._activations = dict(activations or {})
         specs = dict(enc.buckets)
         specs.update(extra_specs or {})
         # Longest path first, so bucket/prefix wins over bucket.
@@ -93,7 +97,7 @@ class Policy:
         return self._enc
 
     def with_specs(self, extra: Mapping[str, EncryptionRule]) -> Policy:
-        return Policy(self._enc, extra, clock=self._clock)
+        return Policy(self._enc, extra, clock=self._clock, activations=self._activations)
 
     def specs(self) -> dict[str, EncryptionRule]:
         return dict(self._specs)
@@ -112,23 +116,23 @@ class Policy:
                 return Decision(None, RULE_TTL)
         for name, rule in self._specs:
             if path.startswith(name if "/" in name else name + "/"):
-                return self._from_rule(rule, "bucket-spec")
-        return self._default()
+                return self._from_rule(rule, "bucket-spec", self._activations.get((bucket, name)))
+        return self._default(bucket)
 
-    def _default(self) -> Decision:
+    def _default(self, bucket: str) -> Decision:
         d = self._enc.default
         if d == "refuse":
             return Decision(None, "default-refuse", refuse=True)
         if d == "passthrough":
             return Decision(None, "default-passthrough")
         assert isinstance(d, EncryptionRule)
-        return self._from_rule(d, "default")
+        return self._from_rule(d, "default", self._activations.get((bucket, "default")))
 
     @staticmethod
-    def _from_rule(rule: EncryptionRule, name: str) -> Decision:
+    def _from_rule(rule: EncryptionRule, name: str, activated: float | None = None) -> Decision:
         if rule.passthrough:
             return Decision(None, f"{name}-passthrough")
-        since = rule.encrypted_since.timestamp() if rule.encrypted_since else None
+        since = rule.encrypted_since.timestamp() if rule.encrypted_since else activated
         return Decision(rule.key, name, location=rule.location, encrypted_since=since)
 
     def may_be_encrypted(

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.config import Config, EncryptionRule
+from proxy.control.activation import read_activations
 from proxy.control.policy import Policy
 from proxy.errors import ConfigError, S3Error
 from proxy.wire.xmldoc import parse_backend
@@ -137,6 +138,7 @@ class SpecStore:
     """Called with every key URI an API spec names (to register it for probing)."""
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _activations: dict[tuple[str, str], float] = field(default_factory=dict)
     policy: Policy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,10 +203,20 @@ class SpecStore:
         for e in entries.values():
             if e.record.rule.key:
                 self.on_key(e.record.rule.key)
-        self.policy = Policy(self.config.encryption).with_specs(
+        self.policy = Policy(self.config.encryption, activations=self._activations).with_specs(
             {n: e.record.rule for n, e in entries.items()}
         )
         self.on_policy(self.policy)
+
+    async def record_activations(self) -> None:
+        """Read (recording where missing) when each config rule first took effect on each
+        bucket, so listings tell legacy plaintext from encrypted objects
+        (``proxy.control.activation``)."""
+        fresh = await read_activations(self.backend, self.config.encryption, self._activations)
+        if fresh != self._activations:
+            async with self._lock:
+                self._activations = fresh
+                self._install(self._entries)
 
     async def run_poller(self) -> None:
         """Refresh every ``poll_interval`` seconds until cancelled."""
