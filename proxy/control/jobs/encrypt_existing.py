@@ -88,6 +88,16 @@ async def _sweep_tmp(ctx: JobContext, bucket: str, *, keep: bool = True) -> int:
     return removed
 
 
+async def _drop_sidecar(ctx: JobContext, bucket: str, key: str, md5: str) -> None:
+    """Remove the sidecar written for a replacement that did not happen - unless the object
+    now stored is, against all odds, that very version."""
+    head, _ = await ctx.backend.call("HEAD", bucket, key, ok=(200, 404))
+    if head.status == 200 and etag_core(head.headers.get("etag")) == md5:
+        return
+    await ctx.backend.call("DELETE", bucket, sidecar_prefix(key) + md5, ok=(200, 204, 404))
+    ctx.envelopes.invalidate(bucket, key)
+
+
 async def encrypt_existing(
     ctx: JobContext, opts: JobOptions, progress: JobProgress | None = None
 ) -> JobProgress:
@@ -191,6 +201,8 @@ async def encrypt_existing(
         await ctx.envelopes.before_commit(bucket, key, env, md5)
         recheck, _ = await ctx.backend.call("HEAD", bucket, key)
         if etag_core(recheck.headers.get("etag")) != etag:
+            if ctx.envelopes.kind == "sidecar":
+                await _drop_sidecar(ctx, bucket, key, md5)
             raise ConcurrentWrite(key)
         checked = await get_ok(ctx.backend, bucket, tmp)
         try:
@@ -214,9 +226,11 @@ async def encrypt_existing(
                 resp.release()
         finally:
             checked.release()
-        if resp.status == 412:
-            raise ConcurrentWrite(key)
         if resp.status != 200:
+            if ctx.envelopes.kind == "sidecar":  # the envelope written for the lost race goes
+                await _drop_sidecar(ctx, bucket, key, md5)
+            if resp.status == 412:
+                raise ConcurrentWrite(key)
             raise parse_error(resp.status, data)
         if etag_core(resp.headers.get("etag")) != md5:
             await ctx.envelopes.after_commit(bucket, key, env, resp.headers.get("etag"))
