@@ -106,3 +106,32 @@ def test_config_spec_turned_on_late_lists_legacy_sizes(
         listed = {o["Key"]: o["Size"] for o in c.list_objects_v2(Bucket=bucket)["Contents"]}
         assert set(listed.values()) == {1000}
     assert direct.head_object(Bucket=bucket, Key=record_key(name))["LastModified"] == record
+
+
+def test_objects_encrypted_before_any_record_stay_encrypted_in_listings(
+    backend: Server, direct: Any, keyfile: Path, client: Any, proxy: ProxyThread
+) -> None:
+    """A bucket written by a proxy that recorded nothing (an earlier version; here the session
+    proxy, started before the bucket existed): a new start must not call its encrypted
+    objects legacy just because they are older than a fresh record."""
+    import json
+
+    bucket = new_bucket(direct, "upgraded")
+    client.put_object(Bucket=bucket, Key="enc.bin", Body=b"e" * 1000)
+    _after_the_legacy_second_of(direct, bucket, "enc.bin")
+    with ProxyThread(proxy.config) as p:
+        listed = p.client().list_objects_v2(Bucket=bucket)["Contents"]
+        assert [(o["Key"], o["Size"]) for o in listed] == [("enc.bin", 1000)]
+    record = direct.get_object(Bucket=bucket, Key=record_key("default"))["Body"].read()
+    assert json.loads(record)["known"] is False
+
+
+def _after_the_legacy_second_of(direct: Any, bucket: str, key: str) -> None:
+    newest = direct.head_object(Bucket=bucket, Key=key)["LastModified"]
+
+    def later() -> bool:
+        direct.put_object(Bucket=bucket, Key="probe", Body=b"")
+        return bool(direct.head_object(Bucket=bucket, Key="probe")["LastModified"] > newest)
+
+    wait_until(later, 10, "the backend clock to pass a second")
+    direct.delete_object(Bucket=bucket, Key="probe")

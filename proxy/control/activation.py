@@ -14,6 +14,10 @@ own ``LastModified``), read back after a create-only write (``If-None-Match: *``
 starts, and every other replica, read the same record. Objects older than it are legacy
 plaintext; objects from then on are expected encrypted. An object written in the very
 second of the activation counts as encrypted (listings have whole seconds).
+
+A bucket that already holds objects the proxy encrypted (a proxy of an earlier version ran
+with the rule and recorded nothing; checked on the first listing page) gets a record saying
+the moment is unknown (``"known": false``): every object there counts as encrypted, as before.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Final
 
+from proxy import crypto
 from proxy.backend.client import BackendClient
 from proxy.config import Encryption, EncryptionRule
 from proxy.errors import S3Error
+from proxy.layer.envelopes import sidecar_prefix
 from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import child_text, local, parse_backend
 
 ACTIVATION_PREFIX: Final = RESERVED_PREFIX + "activation/"
 DEFAULT: Final = "default"
 _CONCURRENCY: Final = 16
+_SCAN: Final = 1000
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +69,45 @@ def wanted(enc: Encryption, buckets: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-async def _since(backend: BackendClient, bucket: str, name: str) -> float | None:
+async def _encrypted_seen(backend: BackendClient, bucket: str, store: str) -> bool:
+    """Whether the first listing page of ``bucket`` holds an object the proxy encrypted.
+
+    A bucket seen for the first time may hold legacy plaintext only (encryption turned on
+    now) - or objects a proxy of an earlier version encrypted under this same rule, which
+    recorded nothing: then the moment encryption took effect is unknown, and recording "now"
+    would list every one of them with its stored size.
+    """
+    _, body = await backend.call(
+        "GET", bucket, query=(("list-type", "2"), ("max-keys", str(_SCAN)))
+    )
+    listed = [
+        (child_text(el, "Key"), (child_text(el, "ETag") or "").strip('"'))
+        for el in parse_backend(body)
+        if local(el.tag) == "Contents" and not child_text(el, "Key").startswith(RESERVED_PREFIX)
+    ]
+    found: list[bool] = []
+
+    async def encrypted(key: str, etag: str) -> bool:
+        if store == "sidecar":
+            side, _ = await backend.call("HEAD", bucket, sidecar_prefix(key) + etag, ok=(200, 404))
+            return side.status == 200
+        head, _ = await backend.call("HEAD", bucket, key, ok=(200, 404))
+        return any(h.lower().startswith(crypto.INTERNAL_PREFIX) for h in head.headers)
+
+    async def worker() -> None:
+        while listed and not any(found):
+            found.append(await encrypted(*listed.pop()))
+
+    await asyncio.gather(*(worker() for _ in range(min(_CONCURRENCY, len(listed)))))
+    return any(found)
+
+
+async def _since(backend: BackendClient, bucket: str, name: str, store: str) -> float | None:
     key = record_key(name)
-    head, _ = await backend.call("HEAD", bucket, key, ok=(200, 404))
-    if head.status == 404:
-        body = json.dumps({"spec": name, "source": "config"}).encode()
+    resp, data = await backend.call("GET", bucket, key, ok=(200, 404))
+    if resp.status == 404:
+        known = not await _encrypted_seen(backend, bucket, store)
+        body = json.dumps({"spec": name, "source": "config", "known": known}).encode()
         await backend.call(
             "PUT",
             bucket,
@@ -75,15 +116,20 @@ async def _since(backend: BackendClient, bucket: str, name: str) -> float | None
             body=body,
             ok=(200, 412),  # 412: another replica recorded it first; read its record
         )
-        head, _ = await backend.call("HEAD", bucket, key)
+        resp, data = await backend.call("GET", bucket, key)
     try:
-        return parsedate_to_datetime(head.headers["last-modified"]).timestamp()
-    except (KeyError, TypeError, ValueError, IndexError):
+        if not json.loads(data).get("known", True):
+            return None  # encrypted before it was recorded: every object counts as encrypted
+        return parsedate_to_datetime(resp.headers["last-modified"]).timestamp()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
 
 
 async def read_activations(
-    backend: BackendClient, enc: Encryption, known: Mapping[tuple[str, str], float]
+    backend: BackendClient,
+    enc: Encryption,
+    known: Mapping[tuple[str, str], float],
+    store: str = "metadata",
 ) -> dict[tuple[str, str], float]:
     """Activation times (epoch seconds) by (bucket, spec name), recording missing ones.
 
@@ -103,7 +149,7 @@ async def read_activations(
         while todo:
             bucket, name = todo.pop()
             try:
-                since = await _since(backend, bucket, name)
+                since = await _since(backend, bucket, name, store)
             except S3Error as exc:
                 if exc.code not in ("NoSuchBucket", "AccessDenied"):
                     log.warning("activation of %s on %s not readable: %s", name, bucket, exc.code)

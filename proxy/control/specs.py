@@ -212,7 +212,12 @@ class SpecStore:
         """Read (recording where missing) when each config rule first took effect on each
         bucket, so listings tell legacy plaintext from encrypted objects
         (``proxy.control.activation``)."""
-        fresh = await read_activations(self.backend, self.config.encryption, self._activations)
+        fresh = await read_activations(
+            self.backend,
+            self.config.encryption,
+            self._activations,
+            self.config.backend.envelope_store,
+        )
         if fresh != self._activations:
             async with self._lock:
                 self._activations = fresh
