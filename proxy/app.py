@@ -146,6 +146,7 @@ def build(
         started = False
         try:
             await _read_specs(specs, objects)
+            await _record_activations(specs)
             if validate_keys:
                 await validate_at_start(keys, _start_keys(config, specs), config.kms.start_timeout)
             started = True
@@ -251,6 +252,15 @@ def _announce_key_policy(config: Config, audit: AuditLog | None) -> None:
         )
     if audit is not None:
         audit.append("policy.loaded", **fields)
+
+
+async def _record_activations(specs: SpecStore) -> None:
+    """When each config rule first took effect on each bucket (so listings tell legacy
+    objects); a backend not reachable yet leaves it to the spec poller."""
+    try:
+        await specs.record_activations()
+    except S3Error as exc:
+        log.warning("could not record when encryption took effect (the poller retries): %s", exc)
 
 
 def _not_ready(specs: SpecStore) -> dict[str, str]:

@@ -236,3 +236,24 @@ def test_audit_head_in_the_api_and_the_metrics_detects_a_cut(
         assert call(p, "GET", "/v1/audit/head").json()["entries"] == len(lines) - 1
     assert verify(audit).ok
     assert not verify(audit, Head(head["entries"], head["last_hash"])).ok
+
+
+def test_gc_through_the_api_and_the_cli(
+    two: tuple[ProxyThread, ProxyThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.control.jobs.common import TMP_PREFIX
+    from tests.servers import BACKEND_AK, BACKEND_SK, s3_client
+
+    a, _ = two
+    bucket = f"gc-{time.monotonic_ns()}"
+    a.client().create_bucket(Bucket=bucket)
+    direct = s3_client(a.config.backend.endpoint, BACKEND_AK, BACKEND_SK)
+    direct.put_object(Bucket=bucket, Key=TMP_PREFIX + "left", Body=b"")
+    base = ["admin", "--url", a.admin, "--token", TOKEN]
+    main([*base, "job", "gc", "--bucket", bucket, "--dry-run", "--min-age", "0", "--wait"])
+    dry = json.loads(capsys.readouterr().out)["response"]
+    assert dry["outcomes"]["would-remove-job-tmp"] == 1 and dry["dry_run"]
+    main([*base, "job", "gc", "--bucket", bucket, "--min-age", "0", "--wait"])
+    assert json.loads(capsys.readouterr().out)["response"]["outcomes"]["removed-job-tmp"] == 1
+    left = direct.list_objects_v2(Bucket=bucket, Prefix=TMP_PREFIX).get("Contents", [])
+    assert left == []

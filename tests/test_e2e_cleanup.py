@@ -105,3 +105,26 @@ def test_delete_bucket_with_an_upload_in_progress_keeps_it(client: Any) -> None:
         MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
     )
     assert client.get_object(Bucket="rb-upload", Key="big")["Body"].read() == b"p" * 1000
+
+
+def test_multipart_and_copy_overwrites_keep_only_the_current_envelope(
+    client: Any, direct: Any, bucket: str
+) -> None:
+    client.put_object(Bucket=bucket, Key="src", Body=b"s" * 70_000)
+    client.put_object(Bucket=bucket, Key="k", Body=b"first" * 100)
+    mp = client.create_multipart_upload(Bucket=bucket, Key="k")
+    part = client.upload_part(
+        Bucket=bucket, Key="k", UploadId=mp["UploadId"], PartNumber=1, Body=b"p" * 1000
+    )
+    client.complete_multipart_upload(
+        Bucket=bucket,
+        Key="k",
+        UploadId=mp["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )
+    etag = direct.head_object(Bucket=bucket, Key="k")["ETag"].strip('"')
+    assert _envelopes_of(direct, bucket, "k") in ([etag], [])
+    client.copy_object(Bucket=bucket, Key="k", CopySource={"Bucket": bucket, "Key": "src"})
+    etag = direct.head_object(Bucket=bucket, Key="k")["ETag"].strip('"')
+    assert _envelopes_of(direct, bucket, "k") in ([etag], [])
+    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"s" * 70_000

@@ -331,3 +331,7 @@ def test_encrypt_existing_loses_no_concurrent_client_write(
         assert done.outcomes.get("conflict") == 1, done.summary()
         assert "encrypted" not in done.outcomes
         assert client.get_object(Bucket=bucket, Key="hot")["Body"].read() == newer
+    if store == "sidecar":  # the job's envelope for the replacement that lost goes too
+        current = direct.head_object(Bucket=bucket, Key="hot")["ETag"].strip('"')
+        listing = direct.list_objects_v2(Bucket=bucket, Prefix=sidecar_prefix("hot"))
+        assert [o["Key"] for o in listing.get("Contents", [])] == [sidecar_prefix("hot") + current]

@@ -80,6 +80,7 @@ class Policy:
         *,
         clock: Callable[[], float] = time.time,
         refused: Mapping[str, str] | None = None,
+        activations: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self._enc = enc
         self._clock = clock
@@ -87,6 +88,9 @@ class Policy:
         # encryption.require_cmek) refuses: writes under them are refused, never
         # sent elsewhere (name -> reason)
         self._refused = dict(refused or {})
+        # (bucket, spec name or "default") -> epoch seconds the config rule first took effect
+        # there (``proxy.control.activation``); a rule's own ``encrypted_since`` wins.
+        self._activations = dict(activations or {})
         specs = dict(enc.buckets)
         specs.update(extra_specs or {})
         # Longest path first, so bucket/prefix wins over bucket.
@@ -101,7 +105,9 @@ class Policy:
     def with_specs(
         self, extra: Mapping[str, EncryptionRule], refused: Mapping[str, str] | None = None
     ) -> Policy:
-        return Policy(self._enc, extra, clock=self._clock, refused=refused)
+        return Policy(
+            self._enc, extra, clock=self._clock, refused=refused, activations=self._activations
+        )
 
     def refused(self) -> dict[str, str]:
         """API specs the key policy refuses (name -> reason)."""
@@ -131,8 +137,8 @@ class Policy:
                         f"the encryption spec {name} is refused by the key policy: {refusal}",
                         403,
                     )
-                return self._from_rule(rule, "bucket-spec")
-        return self._default()
+                return self._from_rule(rule, "bucket-spec", self._activations.get((bucket, name)))
+        return self._default(bucket)
 
     def _refused_spec(self, bucket: str, key: str) -> bool:
         path = f"{bucket}/{key}"
@@ -141,20 +147,20 @@ class Policy:
                 return name in self._refused
         return False
 
-    def _default(self) -> Decision:
+    def _default(self, bucket: str) -> Decision:
         d = self._enc.default
         if d == "refuse":
             return Decision(None, "default-refuse", refuse=True)
         if d == "passthrough":
             return Decision(None, "default-passthrough")
         assert isinstance(d, EncryptionRule)
-        return self._from_rule(d, "default")
+        return self._from_rule(d, "default", self._activations.get((bucket, "default")))
 
     @staticmethod
-    def _from_rule(rule: EncryptionRule, name: str) -> Decision:
+    def _from_rule(rule: EncryptionRule, name: str, activated: float | None = None) -> Decision:
         if rule.passthrough:
             return Decision(None, f"{name}-passthrough")
-        since = rule.encrypted_since.timestamp() if rule.encrypted_since else None
+        since = rule.encrypted_since.timestamp() if rule.encrypted_since else activated
         return Decision(rule.key, name, location=rule.location, encrypted_since=since)
 
     def may_be_encrypted(

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from proxy.backend.client import BackendClient, parse_error
 from proxy.config import Config, EncryptionRule, rule_refusal
+from proxy.control.activation import read_activations
 from proxy.control.policy import Decision, Policy
 from proxy.errors import ConfigError, S3Error
 from proxy.wire.xmldoc import parse_backend
@@ -174,12 +175,15 @@ class SpecStore:
     """Called with every API spec's key and its replicas (possibly none)."""
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _activations: dict[tuple[str, str], float] = field(default_factory=dict)
     policy: Policy = field(init=False)
     read_at: float = field(default_factory=time.monotonic)
     """When the store was last read successfully (monotonic; the start until then)."""
     loaded: bool = field(init=False)
     """Whether the store has been read (always, without a control bucket)."""
     load_error: str = ""
+    activations_recorded: bool = False
+    """Whether ``record_activations`` has succeeded once (the poller retries until then)."""
 
     def __post_init__(self) -> None:
         self.policy = Policy(self.config.encryption)
@@ -269,10 +273,26 @@ class SpecStore:
                 self.on_replicas(rule.key, list(rule.replicas))
         for n, reason in refused.items():
             log.error("API encryption spec %s is refused by the key policy: %s", n, reason)
-        self.policy = Policy(self.config.encryption).with_specs(
+        self.policy = Policy(self.config.encryption, activations=self._activations).with_specs(
             {n: e.record.rule for n, e in entries.items()}, refused
         )
         self.on_policy(self.policy)
+
+    async def record_activations(self) -> None:
+        """Read (recording where missing) when each config rule first took effect on each
+        bucket, so listings tell legacy plaintext from encrypted objects
+        (``proxy.control.activation``)."""
+        fresh = await read_activations(
+            self.backend,
+            self.config.encryption,
+            self._activations,
+            self.config.backend.envelope_store,
+        )
+        if fresh != self._activations:
+            async with self._lock:
+                self._activations = fresh
+                self._install(self._entries)
+        self.activations_recorded = True
 
     async def run_poller(self) -> None:
         """Refresh every ``poll_interval`` seconds until cancelled."""
@@ -282,6 +302,8 @@ class SpecStore:
             try:
                 if await self.refresh():
                     log.info("encryption specs changed in the store; policy replaced")
+                if not self.activations_recorded:
+                    await self.record_activations()
             except S3Error as exc:
                 if not self.loaded:
                     self.load_error = str(exc)

@@ -309,31 +309,31 @@ class SidecarEnvelopes:
         stored = await self.listed(bucket, key)
         if keep is not None and env is not None and keep not in stored:
             await self._write(bucket, key, keep, env)  # a racing prune removed it
-        removed: dict[str, crypto.Envelope | None] = {}
+        removed: dict[str, bytes] = {}
         for etag in stored:
             if etag == keep:
                 continue
-            removed[etag] = await self._peek(bucket, key, etag)
-            await self._backend.call(
-                "DELETE", bucket, sidecar_prefix(key) + etag, ok=(200, 204, 404)
-            )
+            name = sidecar_prefix(key) + etag
+            resp, data = await self._backend.call("GET", bucket, name, ok=(200, 404))
+            if resp.status == 404:
+                continue  # another remover took it (and keeps its bytes to put back)
+            removed[etag] = data
+            await self._backend.call("DELETE", bucket, name, ok=(200, 204, 404))
         self.invalidate(bucket, key)
         if keep is not None and env is not None:
             self._remember((bucket, key, keep), env)
         if removed:
             head, _ = await self._backend.call("HEAD", bucket, key, ok=(200, 404))
             current = etag_core(head.headers.get("etag")) if head.status == 200 else None
-            back = removed.get(current) if current is not None else None
-            if current is not None and back is not None:
-                await self._write(bucket, key, current, back)
+            if current is not None and current in removed:
+                await self._backend.call(
+                    "PUT",
+                    bucket,
+                    sidecar_prefix(key) + current,
+                    headers={"content-type": "application/json"},
+                    body=removed[current],
+                )
         return len(removed)
-
-    async def _peek(self, bucket: str, key: str, etag: str) -> crypto.Envelope | None:
-        """The envelope of one stored version, or None if it is gone or unreadable."""
-        try:
-            return await self.read(bucket, key, {"etag": etag})
-        except FormatError:
-            return None
 
     # A multipart object's ETag is known only after the backend's Complete (rclone's is the
     # MD5 of the whole body, not computable from the parts), so its sidecar cannot be written

@@ -90,6 +90,16 @@ async def _sweep_tmp(ctx: JobContext, bucket: str, *, keep: bool = True) -> int:
     return removed
 
 
+async def _drop_sidecar(ctx: JobContext, bucket: str, key: str, md5: str) -> None:
+    """Remove the sidecar written for a replacement that did not happen - unless the object
+    now stored is, against all odds, that very version."""
+    head, _ = await ctx.backend.call("HEAD", bucket, key, ok=(200, 404))
+    if head.status == 200 and etag_core(head.headers.get("etag")) == md5:
+        return
+    await ctx.backend.call("DELETE", bucket, sidecar_prefix(key) + md5, ok=(200, 204, 404))
+    ctx.envelopes.invalidate(bucket, key)
+
+
 async def encrypt_existing(
     ctx: JobContext, opts: JobOptions, progress: JobProgress | None = None
 ) -> JobProgress:
@@ -194,6 +204,8 @@ async def encrypt_existing(
         await ctx.envelopes.before_commit(bucket, key, env, md5)
         recheck, _ = await ctx.backend.call("HEAD", bucket, key)
         if etag_core(recheck.headers.get("etag")) != etag:
+            if ctx.envelopes.kind == "sidecar":
+                await _drop_sidecar(ctx, bucket, key, md5)
             raise ConcurrentWrite(key)
         put_headers = {
             **headers,
@@ -225,12 +237,13 @@ async def encrypt_existing(
             # entity tag, so the quoted form never matches there: when the object is still
             # the version that was read, the unquoted form is the same condition.
             again, _ = await ctx.backend.call("HEAD", bucket, key)
-            if etag_core(again.headers.get("etag")) != etag:
-                raise ConcurrentWrite(key)
-            resp, data = await replace(etag)
-        if resp.status == 412:
-            raise ConcurrentWrite(key)
+            if etag_core(again.headers.get("etag")) == etag:
+                resp, data = await replace(etag)
         if resp.status != 200:
+            if ctx.envelopes.kind == "sidecar":  # the envelope written for the lost race goes
+                await _drop_sidecar(ctx, bucket, key, md5)
+            if resp.status == 412:
+                raise ConcurrentWrite(key)
             raise parse_error(resp.status, data)
         if etag_core(resp.headers.get("etag")) != md5:
             await ctx.envelopes.after_commit(bucket, key, env, resp.headers.get("etag"))

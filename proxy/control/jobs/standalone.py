@@ -57,6 +57,7 @@ async def run_standalone(
         backend = BackendClient(config.backend, session)
         specs = SpecStore(config, backend, on_policy=lambda _p: None)
         await specs.refresh()
+        await specs.record_activations()
         ctx = JobContext(
             backend,
             keys,
