@@ -325,6 +325,8 @@ def run_pytest(
         *selection_args(),
         "-p",
         "no:cacheprovider",
+        "-p",
+        "s3tests_plugin",
         "-q",
         "-rN",
         "--timeout",
@@ -342,7 +344,15 @@ def run_pytest(
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
-    env.pop("PYTHONPATH", None)
+    leftovers = workdir / f"{label}.leftovers.jsonl"
+    leftovers.unlink(missing_ok=True)
+    keys = dict.fromkeys([*backend.users.values(), backend.proxy_user])
+    env.update(
+        PYTHONPATH=str(REPO / "scripts"),  # s3tests_plugin only (no project code)
+        S3TESTS_CLEANUP_ENDPOINT=backend.url,
+        S3TESTS_CLEANUP_KEYS=",".join(f"{ak}:{sk}" for ak, sk in keys),
+        S3TESTS_LEFTOVERS=str(leftovers),
+    )
     remaining = max(30.0, deadline - time.monotonic())
     print(f"== {backend.name} {label}: s3-tests against {endpoint} (up to {remaining:.0f}s)")
     started = time.monotonic()
@@ -371,6 +381,11 @@ def run_pytest(
     res["timed_out"] = timed_out
     res["exit_code"] = proc.returncode
     res["backend_restarts"] = backend.revived
+    res["left_buckets"] = (
+        [json.loads(x)["test"] for x in leftovers.read_text().splitlines()]
+        if leftovers.exists()
+        else []
+    )
     c = res["counts"]
     print(f"   {c}  ({res['seconds']}s{', TIMED OUT' if timed_out else ''})")
     return res
@@ -498,6 +513,12 @@ def write_report(results: Path) -> None:
                 f"* {label}: {x['counts']} in {x['seconds']} s"
                 + (" (TIMED OUT: partial)" if x["timed_out"] else "")
             )
+            if x.get("left_buckets"):
+                md.append(
+                    f"  * {len(x['left_buckets'])} tests left buckets the client could not"
+                    " delete (removed on the backend after them): "
+                    + ", ".join(f"`{n}`" for n in x["left_buckets"])
+                )
         regs = r["compare"]["pass_bare_fail_proxy"]
         md += ["", f"### Pass bare, fail through the proxy ({len(regs)})", ""]
         if regs:
@@ -530,6 +551,8 @@ def main() -> None:
     ap.add_argument("--command", default="", help="the command line, for the report")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    # the outer `timeout` sends SIGTERM: stop the servers on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
     args.pytest_args = extra  # after --: extra pytest arguments
     deadline = time.monotonic() + args.timeout
@@ -546,10 +569,12 @@ def main() -> None:
             run_dir = work / label
             with start_backend(args.backend, run_dir) as backend:
                 if label == "bare":
-                    result[label] = run_pytest(label, backend.url, backend, out, args, deadline)
+                    # half the time at most, so that a slow bare run leaves the proxy its share
+                    half = min(deadline, time.monotonic() + args.timeout / 2)
+                    result[label] = run_pytest(label, backend.url, backend, out, args, half)
                 else:
                     with start_proxy(backend, run_dir) as url:
-                        # the proxy run gets the time the bare run left, at least half
+                        # the proxy run gets the time the bare run left
                         result[label] = run_pytest(label, url, backend, out, args, deadline)
             logs = out / f"{label}-logs"
             shutil.rmtree(logs, ignore_errors=True)
