@@ -368,24 +368,28 @@ def run_pytest(
         )
         try:
             wait_reviving(proc, backend, remaining)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        except BaseException as e:  # the deadline, or SIGTERM / Ctrl-C: stop pytest too
+            timed_out = isinstance(e, subprocess.TimeoutExpired)
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            if not timed_out:
+                raise
     res = parse_reportlog(log)
     res["seconds"] = round(time.monotonic() - started, 1)
     res["timed_out"] = timed_out
     res["exit_code"] = proc.returncode
     res["backend_restarts"] = backend.revived
-    res["left_buckets"] = (
-        [json.loads(x)["test"] for x in leftovers.read_text().splitlines()]
-        if leftovers.exists()
-        else []
+    notes = (
+        [json.loads(x) for x in leftovers.read_text().splitlines()] if leftovers.exists() else []
     )
+    res["left_buckets"] = [
+        n["test"] for n in notes if n.get("kind", "left_buckets") == "left_buckets"
+    ]
+    res["versions_fallbacks"] = sum(1 for n in notes if n.get("kind") == "versions_fallback")
     c = res["counts"]
     print(f"   {c}  ({res['seconds']}s{', TIMED OUT' if timed_out else ''})")
     return res
@@ -446,6 +450,7 @@ def parse_reportlog(path: Path) -> dict[str, Any]:
             outcome, when = rep["outcome"], rep["when"]
             if outcome == "failed" and t["outcome"] != "failed":
                 t["outcome"] = "failed"
+                t["phase"] = when
                 t["reason"] = (f"[{when}] " if when != "call" else "") + reason_of(rep)
             elif outcome == "skipped" and t["outcome"] == "passed":
                 t["outcome"] = "skipped"
@@ -469,7 +474,7 @@ def s3_tests_commit(d: Path) -> str:
 def compare(bare: dict[str, Any], proxied: dict[str, Any]) -> dict[str, Any]:
     b, p = bare["tests"], proxied["tests"]
     regressions = [
-        {"test": n, "reason": p[n]["reason"]}
+        {"test": n, "phase": p[n].get("phase", "call"), "reason": p[n]["reason"]}
         for n in sorted(b)
         if b[n]["outcome"] == "passed" and n in p and p[n]["outcome"] == "failed"
     ]
@@ -484,6 +489,103 @@ def compare(bare: dict[str, Any], proxied: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- causes
+# Why a test that passes bare fails through the proxy, as analysed (docs/CONFORMANCE.md).
+# A failure matching none of these is new: the report lists it as "unclassified".
+CAUSES: list[dict[str, Any]] = [
+    {
+        "id": "anonymous",
+        "kind": "expected",
+        "what": "unsigned (anonymous) requests are refused with 403 AccessDenied before any "
+        "backend call, whatever the ACLs (and whether or not the bucket exists)",
+        "match": lambda name, reason, ctx: ctx["anon"],
+    },
+    {
+        "id": "post-object",
+        "kind": "expected (undocumented)",
+        "what": "browser-form uploads (POST Object with a policy) are not supported: "
+        "403 for unsigned POSTs, 501 NotImplemented otherwise",
+        "match": lambda name, reason, ctx: name.startswith("test_post_object"),
+    },
+    {
+        "id": "etag-not-md5",
+        "kind": "expected (documented: README, ETags)",
+        "what": "an encrypted object's ETag is the backend's (MD5 of ciphertext) + '-c', "
+        "not the MD5 of the plaintext",
+        "match": lambda name, reason, ctx: name in {"test_object_write_check_etag"},
+    },
+    {
+        "id": "bug-304-etag",
+        "kind": "BUG",
+        "what": "GET answered 304 Not Modified carries the backend's ETag, without the '-c' "
+        "suffix the object has everywhere else (HEAD 304 is right)",
+        "match": lambda name, reason, ctx: "-c\"'" in reason and reason.startswith("assert '\""),
+    },
+    {
+        "id": "bug-upload-blocks-delete-bucket",
+        "kind": "BUG",
+        "what": "an in-progress multipart upload leaves a hidden .cmek-proxy/uploads/ object: "
+        "DeleteBucket answers BucketNotEmpty for a bucket that lists empty",
+        "match": lambda name, reason, ctx: (
+            "BucketNotEmpty" in reason and (not ctx["sidecar"] or "multipart" in name)
+        ),
+    },
+    {
+        "id": "bug-deleteobjects-sidecars",
+        "kind": "BUG (sidecar envelopes)",
+        "what": "DeleteObjects is passed through without removing the objects' sidecar "
+        "envelopes (DeleteObject does remove them): the bucket lists empty but DeleteBucket "
+        "answers BucketNotEmpty; s3-tests' cleanup uses DeleteObjects, so nearly every test "
+        "that writes an object fails in teardown",
+        "match": lambda name, reason, ctx: "BucketNotEmpty" in reason and ctx["sidecar"],
+    },
+    {
+        "id": "bug-versions-500",
+        "kind": "BUG",
+        "what": "a backend's 501 NotImplemented (rclone: ListObjectVersions) becomes "
+        "500 InternalError (retried by SDKs) instead of being passed on",
+        "match": lambda name, reason, ctx: (
+            "InternalError" in reason and "ListObjectVersions" in reason
+        ),
+    },
+    {
+        "id": "bug-hidden-keys-pagination",
+        "kind": "BUG (sidecar envelopes)",
+        "what": "listings drop the reserved .cmek-proxy/ entries after the backend has "
+        "counted them against max-keys: short or empty truncated pages, NextMarker "
+        "'.cmek-proxy/', KeyCount including hidden entries",
+        "match": lambda name, reason, ctx: (
+            ".cmek-proxy/" in reason
+            or (ctx["sidecar"] and name.startswith(("test_bucket_list", "test_multi_object")))
+        ),
+    },
+]
+
+
+def unsigned_tests(s3_tests_dir: Path) -> set[str]:
+    """Tests of test_s3.py that use an unsigned client (get_unauthenticated_client)."""
+    out: set[str] = set()
+    current = None
+    for line in (s3_tests_dir / TEST_FILE).read_text().splitlines():
+        if line.startswith("def test_"):
+            current = line[4:].split("(")[0]
+        elif line.startswith("def "):
+            current = None
+        elif current and "get_unauthenticated_client()" in line:
+            out.add(current)
+    return out
+
+
+def classify(regressions: list[dict[str, str]], unsigned: set[str], sidecar: bool) -> None:
+    for r in regressions:
+        r["cause"] = "unclassified"
+        ctx = {"anon": r["test"] in unsigned, "sidecar": sidecar}
+        for c in CAUSES:
+            if c["match"](r["test"], r["reason"], ctx):
+                r["cause"] = c["id"]
+                break
+
+
 # --------------------------------------------------------------------------- report
 def write_report(results: Path) -> None:
     """Markdown + JSON over every backend result in the results dir."""
@@ -494,14 +596,16 @@ def write_report(results: Path) -> None:
     md = ["# s3-tests through cmek-proxy", ""]
     md += [
         "| backend | selected | passed bare | passed through proxy | pass bare, fail proxy |"
-        " fail bare, pass proxy | date | s3-tests commit |",
-        "|---|---|---|---|---|---|---|---|",
+        " of which only in teardown | fail bare, pass proxy | date | s3-tests commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         bc, pc = r["bare"]["counts"], r["proxy"]["counts"]
+        regs = r["compare"]["pass_bare_fail_proxy"]
         md.append(
             f"| {name} | {bc['total']} | {bc['passed']} | {pc['passed']} |"
             f" {len(r['compare']['pass_bare_fail_proxy'])} |"
+            f" {sum(1 for x in regs if x.get('phase') == 'teardown')} |"
             f" {len(r['compare']['fail_bare_pass_proxy'])} | {r['date']} |"
             f" {r['s3_tests_commit'][:10]} |"
         )
@@ -513,6 +617,11 @@ def write_report(results: Path) -> None:
                 f"* {label}: {x['counts']} in {x['seconds']} s"
                 + (" (TIMED OUT: partial)" if x["timed_out"] else "")
             )
+            if x.get("versions_fallbacks"):
+                md.append(
+                    f"  * ListObjectVersions answered 500 InternalError {x['versions_fallbacks']}"
+                    " times in s3-tests' cleanup (tolerated there; see bug-versions-500)"
+                )
             if x.get("left_buckets"):
                 md.append(
                     f"  * {len(x['left_buckets'])} tests left buckets the client could not"
@@ -521,9 +630,15 @@ def write_report(results: Path) -> None:
                 )
         regs = r["compare"]["pass_bare_fail_proxy"]
         md += ["", f"### Pass bare, fail through the proxy ({len(regs)})", ""]
-        if regs:
+        causes = {c["id"]: c for c in CAUSES}
+        for cid in [*causes, "unclassified"]:
+            group = [x for x in regs if x.get("cause", "unclassified") == cid]
+            if not group:
+                continue
+            c = causes.get(cid, {"kind": "NEW", "what": "not analysed yet"})
+            md += ["", f"**{cid}** ({c['kind']}, {len(group)}): {c['what']}", ""]
             md += ["| test | first line of the failure |", "|---|---|"]
-            md += [f"| `{x['test']}` | {_cell(x['reason'])} |" for x in regs]
+            md += [f"| `{x['test']}` | {_cell(x['reason'])} |" for x in group]
         imp = r["compare"]["fail_bare_pass_proxy"]
         if imp:
             md += ["", f"### Fail bare, pass through the proxy ({len(imp)})", ""]
@@ -547,7 +662,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "results" / "s3-tests")
     ap.add_argument("--test-timeout", type=int, default=60, help="seconds per test")
     ap.add_argument("--timeout", type=int, default=2400, help="seconds for both runs")
-    ap.add_argument("--only", choices=["bare", "proxy"], help="run one side only")
+    ap.add_argument(
+        "--only",
+        choices=["bare", "proxy", "report"],
+        help="run one side only, or none (report: recompare and rewrite the report)",
+    )
     ap.add_argument("--command", default="", help="the command line, for the report")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -557,11 +676,16 @@ def main() -> None:
     args.pytest_args = extra  # after --: extra pytest arguments
     deadline = time.monotonic() + args.timeout
 
+    args.results = args.results.resolve()
     out = args.results / args.backend
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"s3tests-{args.backend}-"))
     prev = out / "result.json"
     result: dict[str, Any] = json.loads(prev.read_text()) if args.only and prev.exists() else {}
+    if args.only == "report":  # re-read the report logs kept from the last runs
+        for label in ("bare", "proxy"):
+            kept = {k: v for k, v in result[label].items() if k not in ("counts", "tests")}
+            result[label] = {**parse_reportlog(out / f"{label}.reportlog.jsonl"), **kept}
     try:
         for label in ("bare", "proxy"):
             if args.only and label != args.only:
@@ -584,11 +708,19 @@ def main() -> None:
     if "bare" in result and "proxy" in result:
         result.update(
             backend=args.backend,
-            date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+            date=(args.only == "report" and result.get("date"))
+            or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
             s3_tests_commit=s3_tests_commit(args.s3_tests_dir),
-            command=args.command or " ".join(sys.argv),
+            command=(args.only == "report" and result.get("command"))
+            or args.command
+            or " ".join(sys.argv),
             selection=selection_args()[1:],
             compare=compare(result["bare"], result["proxy"]),
+        )
+        classify(
+            result["compare"]["pass_bare_fail_proxy"],
+            unsigned_tests(args.s3_tests_dir),
+            sidecar=args.backend == "rclone",
         )
     prev.write_text(json.dumps(result, indent=2) + "\n")
     if "compare" in result:
