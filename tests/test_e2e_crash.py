@@ -9,6 +9,7 @@ checks every key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import signal
 import sys
@@ -158,17 +159,14 @@ def test_killed_during_completes(
             uploads = {k: _parts(client, bucket, k, new[k]) for k in keys}
             acked: set[str] = set()
 
-            def complete(k: str) -> Callable[[], None]:
-                def job() -> None:
-                    up, parts = uploads[k]
-                    client.complete_multipart_upload(
-                        Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
-                    )
-                    acked.add(k)
+            def complete(k: str, up: str, parts: list[Any], acked: set[str] = acked) -> None:
+                client.complete_multipart_upload(
+                    Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
+                )
+                acked.add(k)
 
-                return job
-
-            _run_until_acks([complete(k) for k in keys], 1, server)
+            jobs = [functools.partial(complete, k, *uploads[k]) for k in keys]
+            _run_until_acks(jobs, 1, server)
         with _proxy_process(backend, keyfile, tmp_path, f"proxy-c{rnd}b") as (_, fresh):
             for k in keys:
                 got = _read(fresh, bucket, k)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from proxy.layer.uploads import STATE_PREFIX, UploadState
 from tests.test_e2e_core import _data
 
 MiB = 1024 * 1024
@@ -90,3 +91,29 @@ def test_parts_uploaded_in_any_order(client: Any, bucket: str) -> None:
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"".join(parts)
     got = client.get_object(Bucket=bucket, Key="k", Range=f"bytes={5 * MiB - 3}-{5 * MiB + 2}")
     assert got["Body"].read() == b"".join(parts)[5 * MiB - 3 : 5 * MiB + 3]
+
+
+def test_backend_completed_but_proxy_died_before_the_envelope(
+    proxy: Any, client: Any, direct: Any, bucket: str
+) -> None:
+    """The state a proxy killed right after the backend's Complete leaves behind: the object
+    completed, its sidecar (if any) never written. It reads as the new object at once, and a
+    retried Complete answers 200."""
+    p1, p2 = _data(5 * MiB, 30), _data(3000, 31)
+    client.put_object(Bucket=bucket, Key="k", Body=b"old version")
+    up = client.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
+    parts = [(1, _part(client, bucket, "k", up, 1, p1)), (2, _part(client, bucket, "k", up, 2, p2))]
+    raw = direct.get_object(Bucket=bucket, Key=STATE_PREFIX + up)["Body"].read()
+    env = UploadState.from_json(raw).envelope
+    proxy.call(proxy.proxy.envelopes.write_pending(bucket, "k", up, env))  # as Complete does
+    stored = direct.list_parts(Bucket=bucket, Key="k", UploadId=up)["Parts"]
+    # the backend's Complete, then the kill
+    _complete(direct, bucket, "k", up, [(p["PartNumber"], p["ETag"]) for p in stored])
+    if hasattr(proxy.proxy.envelopes, "clear_cache"):
+        proxy.proxy.envelopes.clear_cache()
+    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == p1 + p2
+    assert (
+        client.get_object(Bucket=bucket, Key="k", Range="bytes=10-20")["Body"].read() == (p1[10:21])
+    )
+    _complete(client, bucket, "k", up, parts)
+    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == p1 + p2
