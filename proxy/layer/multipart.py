@@ -236,6 +236,7 @@ class MultipartLayer:
     async def abort(self, bucket: str, key: str, upload_id: str) -> None:
         await self.state(bucket, key, upload_id)
         await self.backend.call("DELETE", bucket, key, query=(("uploadId", upload_id),))
+        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         await self._drop_state(bucket, upload_id)
 
     # ------------------------------------------------------------------ complete
@@ -313,7 +314,12 @@ class MultipartLayer:
             for p in parts
         )
         doc = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
-        await self._backend_complete(bucket, key, upload_id, doc, state)
+        try:
+            await self._backend_complete(bucket, key, upload_id, doc, state)
+        except S3Error as exc:
+            if exc.status < 500:  # refused for sure: nothing was completed
+                await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+            raise
         if not aligned:
             if sidecar:
                 await self.objects.commit_envelope(bucket, key, env, None)  # to read it back
@@ -359,7 +365,8 @@ class MultipartLayer:
             if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
                 raise
             head, _ = await self.backend.call("HEAD", bucket, key)
-            return xml_doc("CompleteMultipartUploadResult", (("ETag", head.headers["etag"]),))
+            fields = (("Bucket", bucket), ("Key", key), ("ETag", head.headers.get("etag", "")))
+            return xml_doc("CompleteMultipartUploadResult", fields)
         return data
 
     async def _completed_by(self, bucket: str, key: str, state: UploadState) -> bool:
