@@ -32,6 +32,7 @@ from proxy.layer.uploads import (
     MAX_COPY_SIZE,
     MIN_PART_SIZE,
     STATE_PREFIX,
+    ClientPart,
     Completion,
     UploadState,
     checksum_request,
@@ -270,16 +271,7 @@ class MultipartLayer:
         except S3Error as exc:
             if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
                 raise
-            # Completed on the backend by a proxy that died before it answered.
-            head, _ = await self.backend.call("HEAD", bucket, key)
-            done = Completion(
-                tuple((p.number, _etag(p.etag)) for p in parts),
-                client_etag(head.headers.get("etag"), True) or "",
-                sse_headers(state.envelope.kek_uri),
-            )
-            await self._put_state(upload_id, replace(state, done=done))
-            await self.objects.envelopes.drop_pending(bucket, key, upload_id)
-            return self._answer(bucket, key, done)
+            return await self._finish_lost(bucket, key, upload_id, state, parts, headers)
         sizes: list[int] = []
         for p in parts:
             have = stored.get(p.number)
@@ -308,6 +300,12 @@ class MultipartLayer:
             env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
         if sidecar:
             await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
+        if not aligned:
+            redo = tuple(
+                (p.number, stored[p.number].etag, stored[p.number].stored_size) for p in parts
+            )
+            state = replace(state, realign=redo)
+            await self._put_state(upload_id, state)
         xml = "".join(
             f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(stored[p.number].etag)}"
             "</ETag></Part>"
@@ -344,6 +342,34 @@ class MultipartLayer:
         await self._put_state(upload_id, replace(state, done=done))
         if sidecar:
             await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+        return self._answer(bucket, key, done)
+
+    async def _finish_lost(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        state: UploadState,
+        parts: list[ClientPart],
+        headers: Mapping[str, str],
+    ) -> tuple[bytes, dict[str, str]]:
+        """Completed on the backend by a proxy that died before it answered."""
+        assert state.envelope is not None
+        if state.realign:  # ...maybe before it rewrote the non-aligned parts: finish it
+            if tuple(p.number for p in parts) != tuple(r[0] for r in state.realign):
+                raise no_such_upload() from None
+            again = [StoredPart(*r) for r in state.realign]
+            sizes = [crypto.plaintext_size(r.stored_size) for r in again]
+            checksum = combined_checksum(state, parts, sizes, headers)
+            await realign(self.objects, bucket, key, state.envelope, again, checksum)
+        head, _ = await self.backend.call("HEAD", bucket, key)
+        done = Completion(
+            tuple((p.number, _etag(p.etag)) for p in parts),
+            client_etag(head.headers.get("etag"), True) or "",
+            sse_headers(state.envelope.kek_uri),
+        )
+        await self._put_state(upload_id, replace(state, done=done))
+        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         return self._answer(bucket, key, done)
 
     @staticmethod
