@@ -9,6 +9,7 @@ checks every key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import signal
 import sys
@@ -142,46 +143,56 @@ def crash_bucket(backend: Server) -> str:
 _buckets = iter(range(1_000_000))
 
 
+def _rounds(
+    backend: Server, keyfile: Path, tmp_path: Path, name: str
+) -> Iterator[tuple[int, Server, Any]]:
+    """ROUNDS + 1 proxy processes in turn; each checks the round before it (its proxy was
+    killed), then works the next round until it is killed itself."""
+    for rnd in range(ROUNDS + 1):
+        with _proxy_process(backend, keyfile, tmp_path, f"{name}{rnd}") as (server, client):
+            yield rnd, server, client
+
+
 def test_killed_during_completes(
     backend: Server, keyfile: Path, tmp_path: Path, crash_bucket: str
 ) -> None:
     """Every key reads as its old or its new version at once after the kill (never a lasting
     500, the old one never destroyed by a Complete that did not happen), acknowledged
     Completes as the new one, and a retried Complete finishes what the killed one began."""
-    bucket, keys = crash_bucket, [f"k{i}" for i in range(5)]
-    for rnd in range(ROUNDS):
-        with _proxy_process(backend, keyfile, tmp_path, f"proxy-c{rnd}") as (server, client):
-            old = {k: _data(f"old-{rnd}-{k}", 70_000) for k in keys}
-            for k in keys:
-                client.put_object(Bucket=bucket, Key=k, Body=old[k])
-            new = {k: [_data(f"p1-{rnd}-{k}", 5 * MiB), _data(f"p2-{rnd}-{k}", 999)] for k in keys}
-            uploads = {k: _parts(client, bucket, k, new[k]) for k in keys}
-            acked: set[str] = set()
+    bucket, keys = crash_bucket, [f"k{i}" for i in range(4)]
+    old: dict[str, bytes] = {}
+    new: dict[str, list[bytes]] = {}
+    uploads: dict[str, tuple[str, list[Any]]] = {}
+    acked: set[str] = set()
+    for rnd, server, client in _rounds(backend, keyfile, tmp_path, "proxy-c"):
+        for k in keys if rnd else ():
+            got = _read(client, bucket, k)
+            whole = b"".join(new[k])
+            if k in acked:
+                assert got == whole, f"round {rnd - 1}: acknowledged {k} does not read back"
+            else:
+                assert got in (old[k], whole), f"round {rnd - 1}: {k} reads as neither version"
+            up, parts = uploads[k]
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
+            )
+            assert _read(client, bucket, k) == whole
+        if rnd == ROUNDS:
+            break
+        acked.clear()
+        old = {k: _data(f"old-{rnd}-{k}", 70_000) for k in keys}
+        for k in keys:
+            client.put_object(Bucket=bucket, Key=k, Body=old[k])
+        new = {k: [_data(f"p1-{rnd}-{k}", 5 * MiB), _data(f"p2-{rnd}-{k}", 999)] for k in keys}
+        uploads = {k: _parts(client, bucket, k, new[k]) for k in keys}
 
-            def complete(k: str) -> Callable[[], None]:
-                def job() -> None:
-                    up, parts = uploads[k]
-                    client.complete_multipart_upload(
-                        Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
-                    )
-                    acked.add(k)
+        def complete(k: str, up: str, parts: list[Any], client: Any = client) -> None:
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
+            )
+            acked.add(k)
 
-                return job
-
-            _run_until_acks([complete(k) for k in keys], 1, server)
-        with _proxy_process(backend, keyfile, tmp_path, f"proxy-c{rnd}b") as (_, fresh):
-            for k in keys:
-                got = _read(fresh, bucket, k)
-                whole = b"".join(new[k])
-                if k in acked:
-                    assert got == whole, f"round {rnd}: acknowledged {k} does not read back"
-                else:
-                    assert got in (old[k], whole), f"round {rnd}: {k} reads as neither version"
-                up, parts = uploads[k]
-                fresh.complete_multipart_upload(
-                    Bucket=bucket, Key=k, UploadId=up, MultipartUpload={"Parts": parts}
-                )
-                assert _read(fresh, bucket, k) == whole
+        _run_until_acks([functools.partial(complete, k, *uploads[k]) for k in keys], 1, server)
 
 
 def test_crash_loop_mixed_single_and_multipart(
@@ -192,35 +203,35 @@ def test_crash_loop_mixed_single_and_multipart(
     bucket = crash_bucket
     written: dict[str, bytes] = {}
     acked: set[str] = set()
-    for rnd in range(ROUNDS):
-        with _proxy_process(backend, keyfile, tmp_path, f"proxy-l{rnd}") as (server, client):
-            jobs = []
-            for i in range(6):
-                key = f"r{rnd}/w{i}"
-                if i % 3 == 2:
-                    parts = [_data(f"{key}-1", 5 * MiB), _data(f"{key}-2", 4096 * (i + 1))]
-                    written[key] = b"".join(parts)
+    for rnd, server, client in _rounds(backend, keyfile, tmp_path, "proxy-l"):
+        for key, data in written.items():
+            got = _read(client, bucket, key)
+            if key in acked:
+                assert got == data, f"after round {rnd - 1}: acknowledged {key} is not exact"
+            else:
+                assert got in (None, data), f"after round {rnd - 1}: {key} reads as another"
+        if rnd == ROUNDS:
+            break
+        jobs = []
+        for i in range(6):
+            key = f"r{rnd}/w{i}"
+            if i % 3 == 2:
+                parts = [_data(f"{key}-1", 5 * MiB), _data(f"{key}-2", 4096 * (i + 1))]
+                written[key] = b"".join(parts)
 
-                    def job(key: str = key, parts: list[bytes] = parts) -> None:
-                        up, done = _parts(client, bucket, key, parts)
-                        client.complete_multipart_upload(
-                            Bucket=bucket, Key=key, UploadId=up, MultipartUpload={"Parts": done}
-                        )
-                        acked.add(key)
-                else:
-                    written[key] = _data(key, 1000 + 150_000 * i)
+                def job(key: str = key, parts: list[bytes] = parts, client: Any = client) -> None:
+                    up, done = _parts(client, bucket, key, parts)
+                    client.complete_multipart_upload(
+                        Bucket=bucket, Key=key, UploadId=up, MultipartUpload={"Parts": done}
+                    )
+                    acked.add(key)
+            else:
+                written[key] = _data(key, 1000 + 150_000 * i)
 
-                    def job(key: str = key) -> None:
-                        client.put_object(Bucket=bucket, Key=key, Body=written[key])
-                        acked.add(key)
+                def job(key: str = key, client: Any = client) -> None:
+                    client.put_object(Bucket=bucket, Key=key, Body=written[key])
+                    acked.add(key)
 
-                jobs.append(job)
-            _run_until_acks(jobs, 3, server)
-        with _proxy_process(backend, keyfile, tmp_path, f"proxy-l{rnd}b") as (_, fresh):
-            for key, data in written.items():
-                got = _read(fresh, bucket, key)
-                if key in acked:
-                    assert got == data, f"round {rnd}: acknowledged {key} does not read back"
-                else:
-                    assert got in (None, data), f"round {rnd}: {key} reads as something else"
+            jobs.append(job)
+        _run_until_acks(jobs, 3, server)
     assert acked, "nothing was acknowledged"

@@ -134,17 +134,18 @@ class CopyLayer:
         removed before the error is answered.  No acknowledged copy fails to open.
         """
         written: str | None = None
-        for attempt in range(_COPY_ATTEMPTS):
-            if attempt:
-                head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
-                found = await self.objects.envelope(src.bucket, src.key, head.headers)
-                if found is None or found.kek_uri != env.kek_uri:
-                    break  # the source changed its kind: stream it
-                env, src_headers = found, head.headers
-            result, written = await self._reseal_once(src, bucket, key, env, meta, src_headers)
-            if result is not None:
-                return result
         try:
+            for attempt in range(_COPY_ATTEMPTS):
+                if attempt:
+                    head, _ = await self.backend.call("HEAD", src.bucket, src.key, query=src.query)
+                    found = await self.objects.envelope(src.bucket, src.key, head.headers)
+                    if found is None or found.kek_uri != env.kek_uri:
+                        break  # the source changed its kind: stream it
+                    env, src_headers = found, head.headers
+                result, wrong = await self._reseal_once(src, bucket, key, env, meta, src_headers)
+                if result is not None:
+                    return result
+                written = wrong or written
             return await self._recrypt(src, bucket, key, meta, {})
         except BaseException:
             if written is not None:

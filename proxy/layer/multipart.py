@@ -32,6 +32,7 @@ from proxy.layer.uploads import (
     MAX_COPY_SIZE,
     MIN_PART_SIZE,
     STATE_PREFIX,
+    ClientPart,
     Completion,
     UploadState,
     checksum_request,
@@ -237,6 +238,7 @@ class MultipartLayer:
     async def abort(self, bucket: str, key: str, upload_id: str) -> None:
         await self.state(bucket, key, upload_id)
         await self.backend.call("DELETE", bucket, key, query=(("uploadId", upload_id),))
+        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         await self._drop_state(bucket, upload_id)
 
     # ------------------------------------------------------------------ complete
@@ -270,16 +272,7 @@ class MultipartLayer:
         except S3Error as exc:
             if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
                 raise
-            # Completed on the backend by a proxy that died before it answered.
-            head, _ = await self.backend.call("HEAD", bucket, key)
-            done = Completion(
-                tuple((p.number, _etag(p.etag)) for p in parts),
-                client_etag(head.headers.get("etag"), True) or "",
-                sse_headers(state.envelope.kek_uri),
-            )
-            await self._put_state(upload_id, replace(state, done=done))
-            await self.objects.envelopes.drop_pending(bucket, key, upload_id)
-            return self._answer(bucket, key, done)
+            return await self._finish_lost(bucket, key, upload_id, state, parts, headers)
         sizes: list[int] = []
         for p in parts:
             have = stored.get(p.number)
@@ -308,13 +301,24 @@ class MultipartLayer:
             env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
         if sidecar:
             await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
+        if not aligned:
+            redo = tuple(
+                (p.number, stored[p.number].etag, stored[p.number].stored_size) for p in parts
+            )
+            state = replace(state, realign=redo)
+            await self._put_state(upload_id, state)
         xml = "".join(
             f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(stored[p.number].etag)}"
             "</ETag></Part>"
             for p in parts
         )
         doc = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
-        await self._backend_complete(bucket, key, upload_id, doc, state)
+        try:
+            await self._backend_complete(bucket, key, upload_id, doc, state)
+        except S3Error as exc:
+            if exc.status < 500:  # refused for sure: nothing was completed
+                await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+            raise
         if not aligned:
             if sidecar:
                 await self.objects.commit_envelope(bucket, key, env, None)  # to read it back
@@ -341,6 +345,34 @@ class MultipartLayer:
             await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         return self._answer(bucket, key, done)
 
+    async def _finish_lost(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        state: UploadState,
+        parts: list[ClientPart],
+        headers: Mapping[str, str],
+    ) -> tuple[bytes, dict[str, str]]:
+        """Completed on the backend by a proxy that died before it answered."""
+        assert state.envelope is not None
+        if state.realign:  # ...maybe before it rewrote the non-aligned parts: finish it
+            if tuple(p.number for p in parts) != tuple(r[0] for r in state.realign):
+                raise no_such_upload() from None
+            again = [StoredPart(*r) for r in state.realign]
+            sizes = [crypto.plaintext_size(r.stored_size) for r in again]
+            checksum = combined_checksum(state, parts, sizes, headers)
+            await realign(self.objects, bucket, key, state.envelope, again, checksum)
+        head, _ = await self.backend.call("HEAD", bucket, key)
+        done = Completion(
+            tuple((p.number, _etag(p.etag)) for p in parts),
+            client_etag(head.headers.get("etag"), True) or "",
+            sse_headers(state.envelope.kek_uri),
+        )
+        await self._put_state(upload_id, replace(state, done=done))
+        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+        return self._answer(bucket, key, done)
+
     @staticmethod
     def _answer(bucket: str, key: str, done: Completion) -> tuple[bytes, dict[str, str]]:
         fields = [("Bucket", bucket), ("Key", key), ("ETag", done.etag), *done.fields]
@@ -360,7 +392,8 @@ class MultipartLayer:
             if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
                 raise
             head, _ = await self.backend.call("HEAD", bucket, key)
-            return xml_doc("CompleteMultipartUploadResult", (("ETag", head.headers["etag"]),))
+            fields = (("Bucket", bucket), ("Key", key), ("ETag", head.headers.get("etag", "")))
+            return xml_doc("CompleteMultipartUploadResult", fields)
         return data
 
     async def _completed_by(self, bucket: str, key: str, state: UploadState) -> bool:

@@ -103,6 +103,9 @@ class UploadState:
     checksum_algorithm: ChecksumAlgorithm | None = None
     checksum_type: str | None = None
     done: Completion | None = None
+    realign: tuple[tuple[int, str, int], ...] = ()
+    """(part number, backend ETag, stored size) of a non-aligned Complete, written before the
+    backend's Complete: a retried Complete after a kill finishes the rewrite from it."""
 
     def to_json(self) -> bytes:
         doc: dict[str, object] = {
@@ -113,6 +116,8 @@ class UploadState:
             "ck_alg": self.checksum_algorithm.value if self.checksum_algorithm else None,
             "ck_type": self.checksum_type,
         }
+        if self.realign:
+            doc["realign"] = [list(r) for r in self.realign]
         if self.done is not None:
             doc["done"] = self.done.to_json()
             doc["done_at"] = int(time.time())  # for a collector of completed states
@@ -128,7 +133,8 @@ class UploadState:
             env = crypto.from_metadata(meta) if meta is not None else None
             alg = ChecksumAlgorithm(doc["ck_alg"]) if doc["ck_alg"] else None
             done = Completion.from_json(doc["done"]) if doc.get("done") else None
-            return cls(str(doc["bucket"]), str(doc["key"]), env, alg, doc["ck_type"], done)
+            redo = tuple((int(n), str(e), int(z)) for n, e, z in doc.get("realign", []))
+            return cls(str(doc["bucket"]), str(doc["key"]), env, alg, doc["ck_type"], done, redo)
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError("upload state does not parse") from exc
 
