@@ -211,7 +211,11 @@ def test_delete_objects_at_the_limit(proxy: ProxyThread, client: Any, bucket: st
 def test_malformed_tagging(proxy: ProxyThread, client: Any, bucket: str, body: bytes) -> None:
     client.put_object(Bucket=bucket, Key="t", Body=b"x")
     for target in (f"/{bucket}/t?tagging", f"/{bucket}?tagging"):
-        _s3_error(_send(proxy, "PUT", target, body, headers=_md5(body)), 400, "MalformedXML")
+        reply = _send(proxy, "PUT", target, body, headers=_md5(body))
+        if target.endswith("/t?tagging") and proxy.config.backend.envelope_store == "sidecar":
+            _s3_error(reply, 501, "NotImplemented")  # rclone: object tagging refused at all
+        else:
+            _s3_error(reply, 400, "MalformedXML")
 
 
 # --------------------------------------------------------------------------- the HTTP parser

@@ -11,6 +11,7 @@ plaintext source, a passthrough destination - streams through decryption and enc
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Final
@@ -66,6 +67,9 @@ def copy_conditions(headers: Mapping[str, str]) -> dict[str, str]:
             out[name] = value
     return out
 
+
+_COPY_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+"""The only form UploadPartCopy accepts (S3 refuses suffixes, open and multiple ranges)."""
 
 class CopyLayer:
     def __init__(self, objects: ObjectLayer, multipart: MultipartLayer) -> None:
@@ -364,17 +368,24 @@ class CopyLayer:
         src = parse_copy_source(headers["x-amz-copy-source"])
         await self.multipart.state(bucket, key, upload_id)  # NoSuchUpload before reading
         rng = headers.get("x-amz-copy-source-range")
-        if rng is not None and (not rng.startswith("bytes=") or rng[6:].startswith("-")):
-            raise S3Error(
-                "InvalidArgument",
-                "The x-amz-copy-source-range value must be of the form bytes=first-last",
-                400,
-            )
+        wanted = None
+        if rng is not None:
+            found = _COPY_RANGE.fullmatch(rng)
+            if found is None or int(found.group(1)) > int(found.group(2)):
+                raise S3Error(
+                    "InvalidArgument",
+                    "The x-amz-copy-source-range value must be of the form bytes=first-last",
+                    400,
+                )
+            wanted = int(found.group(2)) - int(found.group(1)) + 1
         res = await self.objects.get_object(
             src.bucket, src.key, rng, copy_conditions(headers), src.query
         )
         if res.status == 304 or res.body is None:
             raise precondition_failed("x-amz-copy-source-If-None-Match/If-Modified-Since")
+        if wanted is not None and res.content_length != wanted:
+            await res.body.aclose()  # a range past the end of the source: S3 copies nothing
+            raise S3Error("InvalidRange", "The requested range is not satisfiable", 416)
         try:
             put = await self.multipart.upload_part(
                 bucket, key, upload_id, part_number, res.body, res.content_length

@@ -31,19 +31,24 @@ def client_etag(backend_etag: str | None, encrypted: bool) -> str | None:
 
 
 def backend_etag(client_value: str) -> str:
-    """Map an ETag a client sent (If-Match etc.) back to the backend's form."""
+    """Map an ETag a client sent (If-Match etc.) back to the backend's form.
+
+    The quoting is kept as the client sent it: some backends (Ceph RGW 16 on PUT) compare an
+    unquoted value only, and answer the bare backend's way when the proxy does not add quotes.
+    """
     out = []
     for item in client_value.split(","):
         v = item.strip()
         weak = v.startswith("W/")
         core = v[2:] if weak else v
+        quoted = core.startswith('"')
         core = core.strip('"')
         if core.endswith(ETAG_SUFFIX):
             core = core[: -len(ETAG_SUFFIX)]
         if v == "*":
             out.append("*")
         else:
-            out.append(('W/"' if weak else '"') + core + '"')
+            out.append(("W/" if weak else "") + (f'"{core}"' if quoted else core))
     return ", ".join(out)
 
 

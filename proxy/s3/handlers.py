@@ -228,6 +228,15 @@ class S3Handlers:
     ) -> web.StreamResponse:
         assert t.bucket is not None and t.key is not None
         m = request.method
+        if m == "PUT" and t.has("tagging") and self.objects.envelopes.kind == "sidecar":
+            # rclone serve s3 (the backend sidecar envelopes exist for) stores a tagging
+            # document as the object's bytes: the object would be lost.
+            raise S3Error(
+                "NotImplemented",
+                "object tagging is refused with backend.envelope_store: sidecar (rclone serve "
+                "s3 replaces the object's data with the tagging document)",
+                501,
+            )
         if any(t.has(s) for s in OBJECT_PASS):
             return await self._passthrough(request, t, v)
         if m == "PUT" and not t.query and "x-amz-copy-source" not in request.headers:
