@@ -40,7 +40,7 @@ from proxy.layer.decision import KeyPolicy
 from proxy.layer.objects import client_etag
 from proxy.wire.names import is_reserved_name
 from proxy.wire.reserved import RESERVED_PREFIX
-from proxy.wire.xmldoc import local
+from proxy.wire.xmldoc import NEEDS_CARE, XML_CHAR, local
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 ElementTree.register_namespace("", S3_NS)
@@ -57,12 +57,6 @@ NEXT_TAGS: Final = (
     "NextVersionIdMarker",
     "NextUploadIdMarker",
 )
-_XML_CHAR: Final = re.compile("[\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_NEEDS_CARE: Final = re.compile(
-    "[^\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]|\r|&#x[0-9a-fA-F]+;|&#[0-9]+;"
-)
-"""Raw characters XML 1.0 cannot hold, raw CRs (a parser would read them as LF), and
-character references (some of which name such characters)."""
 
 Fetch = Callable[[tuple[tuple[str, str], ...]], Awaitable[bytes]]
 
@@ -130,14 +124,14 @@ class _Protected:
             s = m.group(0)
             if s.startswith("&#"):
                 code = int(s[3:-1], 16) if s[2] == "x" else int(s[2:-1])
-                if code != 0x0D and code <= 0x10FFFF and _XML_CHAR.fullmatch(chr(code)):
+                if code != 0x0D and code <= 0x10FFFF and XML_CHAR.fullmatch(chr(code)):
                     return s  # an ordinary reference: the parser reads it right
             else:
                 code = ord(s)
             self.found = True
             return f"{self.mark}{code:x}."
 
-        return _NEEDS_CARE.sub(sub, text)
+        return NEEDS_CARE.sub(sub, text)
 
     def restore(self, text: str) -> str:
         if not self.found:

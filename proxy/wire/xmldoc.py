@@ -9,6 +9,7 @@ or external - is refused as MalformedXML before it is read, as defusedxml's forb
 from __future__ import annotations
 
 import pyexpat
+import re
 from collections.abc import Sequence
 from typing import Any, Final
 from xml.etree import ElementTree
@@ -34,11 +35,43 @@ def local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
+XML_CHAR: Final = re.compile("[\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""One character XML 1.0 can hold."""
+NEEDS_CARE: Final = re.compile(
+    "[^\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]|\r|&#x[0-9a-fA-F]+;|&#[0-9]+;"
+)
+"""Raw characters XML 1.0 cannot hold, raw CRs (a parser would read them as LF), and
+character references (some of which name such characters)."""
+
+
+def _unholdable(ref: str) -> bool:
+    """Whether a character reference names a character XML 1.0 cannot hold."""
+    code = int(ref[3:-1], 16) if ref[2] in "xX" else int(ref[2:-1])
+    return code > 0x10FFFF or not XML_CHAR.fullmatch(chr(code))
+
+
 def parse_backend(data: bytes) -> ElementTree.Element:
+    """A backend's XML document.
+
+    A key with characters XML 1.0 cannot hold (S3 allows them in keys; backends write them
+    raw or as references) must not make a whole listing unreadable: such characters are read
+    as U+FFFD here, for the proxy's own bookkeeping. Listings for clients keep them exactly
+    (``proxy.s3.listing``).
+    """
     try:
         return ElementTree.fromstring(data)  # noqa: S314 - see module docstring
     except ElementTree.ParseError as exc:
-        raise FormatError("backend sent malformed XML") from exc
+        text = data.decode("utf-8", "replace")
+        safe = NEEDS_CARE.sub(
+            lambda m: "\ufffd"
+            if not m.group(0).startswith("&#") or _unholdable(m.group(0))
+            else m.group(0),
+            text.replace("\r\n", "\n"),
+        )
+        try:
+            return ElementTree.fromstring(safe.encode())  # noqa: S314
+        except ElementTree.ParseError:
+            raise FormatError("backend sent malformed XML") from exc
 
 
 def malformed_xml() -> S3Error:
