@@ -360,6 +360,7 @@ async def start(
     await s3_runner.setup()  # runs cleanup_ctx startup: validates keys first
     runners: list[web.AppRunner] = [s3_runner]
     s3_port = admin_port = 0
+    admin_tasks: tuple[asyncio.Task[None], ...] = ()
     try:
         if s3:
             await _listen(
@@ -375,25 +376,41 @@ async def start(
             )
             s3_port = _port(s3_runner)
         if admin:
-            admin_runner = web.AppRunner(proxy.admin_app, access_log=None)
-            await admin_runner.setup()
-            runners.append(admin_runner)
-            await _listen(
-                web.TCPSite(
-                    admin_runner,
-                    config.admin.host,
-                    config.admin.port,
-                    ssl_context=admin_tls.context if admin_tls else None,
-                ),
-                "admin",
-            )
-            admin_port = _port(admin_runner)
+            listener = await start_admin(config, proxy, admin_tls)
+            runners.extend(listener.runners)
+            admin_port = listener.admin_port
+            admin_tasks = listener.tasks
     except BaseException:
         for r in reversed(runners):
             await r.cleanup()
         raise
-    tasks = tuple(asyncio.create_task(t.run()) for t in (s3_tls, admin_tls) if t is not None)
-    return Running(s3_port, admin_port, tuple(runners), (s3_tls, admin_tls), tasks)
+    tasks = (asyncio.create_task(s3_tls.run()),) if s3_tls is not None else ()
+    return Running(s3_port, admin_port, tuple(runners), (s3_tls, admin_tls), tasks + admin_tasks)
+
+
+async def start_admin(
+    config: Config, proxy: Proxy, tls: ReloadingTls | None = None
+) -> Running:
+    """The admin listener alone (the parent of ``--workers`` opens it once workers listen)."""
+    if tls is None and config.admin.tls:
+        tls = ReloadingTls(config.admin.tls, name="admin")
+    runner = web.AppRunner(proxy.admin_app, access_log=None)
+    await runner.setup()
+    try:
+        await _listen(
+            web.TCPSite(
+                runner,
+                config.admin.host,
+                config.admin.port,
+                ssl_context=tls.context if tls else None,
+            ),
+            "admin",
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    tasks = (asyncio.create_task(tls.run()),) if tls is not None else ()
+    return Running(0, _port(runner), (runner,), (None, tls), tasks)
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})

@@ -115,7 +115,11 @@ def reserve_port(listen: Listen) -> socket.socket:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        raise CmekError(f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}") from None
+        scheme = "https" if listen.tls else "http"
+        hint = " (another process listens there; choose another port)" if exc.errno == 98 else ""
+        raise CmekError(
+            f"cannot listen for S3 on {scheme}://{listen.host}:{listen.port}: {exc.strerror}{hint}"
+        ) from None
     return sock
 
 
@@ -132,10 +136,24 @@ def _worker_main(
     configure(log_format, log_level)  # type: ignore[arg-type]
     # Ctrl-C reaches the whole process group; the parent turns it into one orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     try:
         run(_serve_worker(config, conn))
     finally:
         conn.close()
+
+
+def _die_with_parent() -> None:
+    """A parent killed outright (SIGKILL) must not leave workers serving on its port: the
+    kernel sends this worker SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the request took
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _serve_worker(config: Config, conn: Connection) -> None:
@@ -305,7 +323,7 @@ async def serve_workers(
     config: Config, count: int, log_level: str = "INFO", log_format: str | None = None
 ) -> None:
     """The parent of ``serve --workers N``: admin listener, supervisor, drain on a signal."""
-    from proxy.app import build, start
+    from proxy.app import Running, build, start, start_admin
     from proxy.control.admin.server import WORKERS_READY
 
     # Signals are ours from the first moment: a SIGTERM while workers start must still stop
@@ -323,13 +341,16 @@ async def serve_workers(
         log_level,
         log_format or config.logging.format,
     )
-    running = None
+    running: Running | None = None
+    admin_listener: Running | None = None
     watcher: asyncio.Task[None] | None = None
     stopped = asyncio.create_task(stop.wait())
     try:
         proxy = build(config)  # the control process validates every key before workers start
         proxy.admin_app[WORKERS_READY] = supervisor.not_ready
-        running = await start(config, proxy, s3=False)
+        # keys validated, specs read, prober running; the admin listener (and so /healthz)
+        # opens only once the workers listen
+        running = await start(config, proxy, s3=False, admin=False)
         starting = asyncio.create_task(supervisor.start())
         await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -338,11 +359,13 @@ async def serve_workers(
                 await starting
             return
         starting.result()
+        admin_listener = await start_admin(config, proxy)
         s3 = "https" if config.listen.tls else "http"
         admin = "https" if config.admin.tls else "http"
         print(
             f"cmek-proxy: S3 on {s3}://{config.listen.host}:{port}, "
-            f"admin on {admin}://{config.admin.host}:{running.admin_port} ({count} workers)",
+            f"admin on {admin}://{config.admin.host}:{admin_listener.admin_port} "
+            f"({count} workers)",
             flush=True,
         )
         watcher = asyncio.create_task(supervisor.watch(proxy.metrics.worker_restarts))
@@ -354,6 +377,8 @@ async def serve_workers(
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await supervisor.stop()
+        if admin_listener is not None:
+            await admin_listener.close()
         if running is not None:
             await running.close()
         reservation.close()

@@ -249,14 +249,42 @@ def test_help_has_no_restructured_text_and_every_option_has_help() -> None:
 
 
 def test_serve_against_an_unreachable_backend(tmp_path: Path, closed_port: int) -> None:
-    """With a control bucket the specs are read before listening: the start stops, naming
-    the backend and the network's reason."""
+    """A backend not reachable yet does not stop the start (issue 14): the proxy listens,
+    says why it is not ready (specs unread), no traceback."""
+    import json
+    import re
+    import urllib.error
+    import urllib.request
+
     keyfile = new_keyfile(tmp_path / "k.json")
     url = f"http://127.0.0.1:{closed_port}"
-    cfg = proxy_config(url, keyfile, specs={"control_bucket": "ctl"})
-    code, _, err = cli("serve", "--config", str(write_config(cfg, tmp_path / "c.yaml")))
-    assert code == EXIT_RUNTIME
-    assert_message(err, f"backend {url} unreachable: Cannot connect to host")
+    cfg = proxy_config(url, keyfile, specs={"control_bucket": "ctl"}, workers=1)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "serve",
+            "--config",
+            str(write_config(cfg, tmp_path / "c.yaml")),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        admin = re.search(r"admin on (http://[\d.]+:\d+)", line)
+        assert admin, line
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(admin.group(1) + "/readyz", timeout=10)
+        assert ready.value.code == 503
+        assert "specs" in json.loads(ready.value.read())["not_ready"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err
 
 
 def test_job_on_a_bucket_that_does_not_exist(moto: Server, tmp_path: Path) -> None:

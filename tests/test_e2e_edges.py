@@ -95,9 +95,14 @@ def _odd_keys(backend: Server) -> list[str]:
 def test_listing_survives_keys_xml_cannot_hold(
     client: Any, proxy: ProxyThread, bucket: str, backend: Server
 ) -> None:
-    keys = _odd_keys(backend)
-    for k in keys:
-        client.put_object(Bucket=bucket, Key=k, Body=k.encode())
+    keys = []
+    for k in _odd_keys(backend):
+        try:
+            client.put_object(Bucket=bucket, Key=k, Body=k.encode())
+        except ClientError as exc:  # Ceph RGW refuses some of them itself (InvalidRequest)
+            assert backend.name == "ceph", exc
+            continue
+        keys.append(k)
     client.put_object(Bucket=bucket, Key="plain", Body=b"p")
     want = sorted([*keys, "plain"])
     # boto3 asks for encoding-type=url, as every SDK does
@@ -115,7 +120,7 @@ def test_listing_survives_keys_xml_cannot_hold(
         assert r.status == 200, r
         if backend.name == "moto":
             assert b"<Key>k&#x1;x</Key>" in r.body and b"<Key>k&#xfffe;x</Key>" in r.body
-        else:  # rclone (Go's XML encoder) sends U+FFFD for them: nothing left to restore
+        elif backend.name == "rclone":  # Go's XML encoder sends U+FFFD: nothing to restore
             assert b"<Key>k&#xd;\nx</Key>" in r.body, r.body
 
 

@@ -205,7 +205,8 @@ def test_kubernetes_example_parses_and_config_is_valid() -> None:
     assert {"Deployment", "ConfigMap", "Secret"} <= set(by_kind)
     deploy, cm, secret = by_kind["Deployment"], by_kind["ConfigMap"], by_kind["Secret"]
     pod = deploy["spec"]["template"]["spec"]
-    containers = {c["name"]: c for c in pod["containers"]}
+    # the proxy is a native sidecar: an init container with restartPolicy Always
+    containers = {c["name"]: c for c in pod["containers"] + pod.get("initContainers", [])}
     assert len(containers) == 2 and "cmek-proxy" in containers
     sidecar = containers["cmek-proxy"]
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}

@@ -122,8 +122,9 @@ def test_cli_gc_dry_run(backend: Server, direct: Any, keyfile: Path, tmp_path: P
         timeout=120,
         check=True,
     ).stdout
-    assert f"gc s3://{bucket}/ (dry run): 1 objects" in out
-    assert '"would-remove-job-tmp": 1' in out
+    report = json.loads(out)  # --json prints the summary as JSON only
+    assert report["dry_run"] and report["objects"] == 1
+    assert report["outcomes"]["would-remove-job-tmp"] == 1
     assert _reserved(direct, bucket) == [TMP_PREFIX + "left"]
 
 

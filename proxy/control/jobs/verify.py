@@ -36,9 +36,9 @@ async def verify(
         try:
             env = await ctx.envelopes.read(opts.bucket, obj.key, resp.headers)
             if env is None:
-                legacy = ctx.policy().may_be_encrypted(
-                    opts.bucket, obj.key, obj.last_modified, resp.headers
-                )
+                legacy = ctx.policy().decide(
+                    opts.bucket, obj.key, resp.headers
+                ).encrypt  # an encrypted path: legacy, older or not
                 prog.by_key["(plaintext)"] += 1
                 prog.outcome("plaintext-legacy" if legacy else "plaintext-allowed")
                 return
