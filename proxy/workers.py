@@ -258,7 +258,9 @@ class Supervisor:
                     return
                 log.warning(
                     "worker %d (pid %s) exited with %s; starting it again",
-                    slot.index, proc.pid, proc.exitcode,
+                    slot.index,
+                    proc.pid,
+                    proc.exitcode,
                 )
                 slot.restarts += 1
                 if restarted is not None:
