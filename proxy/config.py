@@ -345,24 +345,26 @@ class Config(_Model):
         return out + list(self.encryption.buckets.values())
 
 
-@lru_cache(maxsize=256)
-def _key_pattern(pattern: str) -> re.Pattern[str]:
+@lru_cache(maxsize=512)
+def glob_regex(pattern: str, sep: str) -> re.Pattern[str]:
+    """A glob as a regex: ``**`` crosses ``sep``, ``*`` and ``?`` do not."""
     out: list[str] = []
     i = 0
     while i < len(pattern):
         if pattern.startswith("**", i):
             out.append(".*")
             i += 2
-        elif pattern[i] == "*":
-            out.append("[^:]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^:]")
+        elif pattern[i] in "*?":
+            out.append(f"[^{re.escape(sep)}]" + ("*" if pattern[i] == "*" else ""))
             i += 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
     return re.compile("".join(out) + r"\Z")
+
+
+def _key_pattern(pattern: str) -> re.Pattern[str]:
+    return glob_regex(pattern, ":")
 
 
 def key_refusal(config: Config, key_uri: str) -> str | None:

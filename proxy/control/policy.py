@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 
-from proxy.config import Encryption, EncryptionRule, UnencryptedTtl
+from proxy.config import Encryption, EncryptionRule, UnencryptedTtl, glob_regex
 from proxy.errors import S3Error
 from proxy.layer.decision import Decision
 
@@ -39,22 +39,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     """``**`` crosses '/', ``*`` does not; a trailing '/' means the whole subtree."""
     if pattern.endswith("/"):
         pattern += "**"
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
+    return glob_regex(pattern, "/")
 
 
 def ttl_seconds(
