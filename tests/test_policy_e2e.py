@@ -78,6 +78,10 @@ def test_legacy_plaintext_is_served_and_counted_strict_refuses(
     bucket = f"legacy-{time.monotonic_ns()}"
     direct.create_bucket(Bucket=bucket)
     direct.put_object(Bucket=bucket, Key="old.txt", Body=BODY)  # before CMEK was turned on
+    # Start the proxy in a later second than the object's Last-Modified: the activation record
+    # then dates the object as older (same-second objects count as encrypted, see activation).
+    written = direct.head_object(Bucket=bucket, Key="old.txt")["LastModified"].timestamp()
+    time.sleep(max(0.0, written + 1.05 - time.time()))
     # Metadata envelopes on both backends (rclone keeps them while it runs): with sidecar
     # envelopes an envelope-less object on an encrypted path is refused instead, see
     # tests/test_e2e_core.py::test_legacy_plaintext_object_served_as_stored.

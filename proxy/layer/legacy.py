@@ -47,7 +47,12 @@ class LegacyChecks:
         stored segment's header is looked at too (one small extra GET for such objects).
         """
         if not self._expected_encrypted(bucket, key, stored):
-            return False
+            if not self.policy.decide(bucket, key, stored).encrypt:
+                return False  # a passthrough path: not legacy
+            # Older than the moment encryption took effect on its path: legacy plaintext.
+            if self.policy.strict:
+                raise _strict_refusal()
+            return True
         if self.policy.strict:
             raise _strict_refusal()
         try:

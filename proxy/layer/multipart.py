@@ -270,7 +270,8 @@ class MultipartLayer:
         try:
             stored = await self.stored_parts(bucket, key, upload_id)
         except S3Error as exc:
-            if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
+            # RGW answers ListParts of a completed upload with NoSuchKey, S3 with NoSuchUpload
+            if exc.code not in _UPLOAD_GONE or not await self._completed_by(bucket, key, state):
                 raise
             return await self._finish_lost(bucket, key, upload_id, state, parts, headers)
         sizes: list[int] = []
@@ -389,7 +390,7 @@ class MultipartLayer:
             )
             raise_embedded_error(data)
         except S3Error as exc:
-            if exc.code != "NoSuchUpload" or not await self._completed_by(bucket, key, state):
+            if exc.code not in _UPLOAD_GONE or not await self._completed_by(bucket, key, state):
                 raise
             head, _ = await self.backend.call("HEAD", bucket, key)
             fields = (("Bucket", bucket), ("Key", key), ("ETag", head.headers.get("etag", "")))
@@ -419,6 +420,11 @@ class MultipartLayer:
             new_env,
             client_etag(head.headers.get("etag"), True) or "",
         )
+
+
+_UPLOAD_GONE: Final = frozenset({"NoSuchUpload", "NoSuchKey"})
+"""How backends answer for an upload that was completed: S3 NoSuchUpload, RGW's ListParts
+NoSuchKey."""
 
 
 def _etag(client_value: str) -> str:
