@@ -344,9 +344,7 @@ async def start(
     """
     # certificate problems are configuration errors: found before anything starts
     s3_tls = ReloadingTls(config.listen.tls, name="listen") if s3 and config.listen.tls else None
-    admin_tls = (
-        ReloadingTls(config.admin.tls, name="admin") if admin and config.admin.tls else None
-    )
+    admin_tls = ReloadingTls(config.admin.tls, name="admin") if admin and config.admin.tls else None
     proxy = proxy or build(config)
     if s3 and s3_tls is None and config.listen.host not in _LOOPBACK:
         log.warning(
@@ -388,9 +386,7 @@ async def start(
     return Running(s3_port, admin_port, tuple(runners), (s3_tls, admin_tls), tasks + admin_tasks)
 
 
-async def start_admin(
-    config: Config, proxy: Proxy, tls: ReloadingTls | None = None
-) -> Running:
+async def start_admin(config: Config, proxy: Proxy, tls: ReloadingTls | None = None) -> Running:
     """The admin listener alone (the parent of ``--workers`` opens it once workers listen)."""
     if tls is None and config.admin.tls:
         tls = ReloadingTls(config.admin.tls, name="admin")

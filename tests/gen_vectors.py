@@ -1,4 +1,4 @@
-"""Build the format-v1 known-answer vectors in tests/vectors/.
+"""Build the known-answer vectors of formats v1 and v2 in tests/vectors/.
 
 Run ``python tests/gen_vectors.py`` to (re)write them; only do that for a deliberate format
 change, which also needs a new format version. ``tests/test_crypto_vectors.py`` rebuilds the
@@ -22,6 +22,7 @@ from proxy.crypto import (  # noqa: E402
     SEGMENT_SIZE,
     Binding,
     Envelope,
+    PartLayout,
     encrypt_all,
     seal_object_key,
     stream_key,
@@ -152,12 +153,70 @@ def envelope_vectors() -> dict[str, Any]:
     }
 
 
+LAYOUT_PARTS = [(1, 2 * S), (2, 2 * S), (4, 100)]
+"""Parts 1 and 2 of two full segments, part 4 (numbers may skip) of one short segment."""
+
+
+def layout_vectors() -> dict[str, Any]:
+    """Format v2: a multipart object whose layout is bound into its sealed object key."""
+    layout = PartLayout.from_parts(LAYOUT_PARTS)
+    assert layout is not None
+    bucket, key = "bucket-a", "dir/object.bin"
+    pending = Binding(bucket, key, multipart=True, pending=True)
+    final = Binding(bucket, key, multipart=True, layout=layout)
+    seals = {}
+    for label, binding in (("pending", pending), ("completed", final)):
+        sealed = seal_object_key(
+            DATA_KEY, OBJECT_KEY, binding, random_bytes=deterministic_random(f"v2/{label}")
+        )
+        seals[label] = {"aad": seal_aad(binding).hex(), "sealed": sealed.hex()}
+    body = b""
+    offset = 0
+    for number, size in LAYOUT_PARTS:
+        body += encrypt_all(
+            OBJECT_KEY,
+            pattern(offset + size)[offset:],
+            number,
+            random_bytes=deterministic_random(f"v2/part{number}"),
+        )
+        offset += size
+    envelopes = {}
+    for label, binding in (("pending", pending), ("completed", final)):
+        env = Envelope(
+            kek_uri="local://keys/k1",
+            kek_version="3",
+            wrapped_data_key=b"\x00wrapped-data-key\xff",
+            sealed_object_key=bytes.fromhex(seals[label]["sealed"]),
+            multipart=True,
+            layout=binding.layout,
+            pending=binding.pending,
+        )
+        envelopes[label] = to_metadata(env)
+    return {
+        "description": "cmek-proxy format v2 (bound multipart layout), docs/FORMAT.md section 5.1",
+        "data_key": DATA_KEY.hex(),
+        "object_key": OBJECT_KEY.hex(),
+        "bucket": bucket,
+        "key": key,
+        "parts": [{"number": n, "plaintext_size": size} for n, size in LAYOUT_PARTS],
+        "layout": layout.to_text(),
+        "layout_bytes": layout.to_bytes().hex(),
+        "random_bytes": "SHA-256(utf8('v2/' + name) || u64be(counter))[:n], counter from 0",
+        "plaintext": "byte i = (31 * i + 7) mod 256 over the whole object",
+        "seal": seals,
+        "metadata": envelopes,
+        "stored_size": len(body),
+        "stored_sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
 def all_vectors() -> dict[str, dict[str, Any]]:
     """File name -> content of every vector file."""
     return {
         "stream_v1.json": stream_vectors(),
         "seal_v1.json": seal_vectors(),
         "envelope_v1.json": envelope_vectors(),
+        "layout_v2.json": layout_vectors(),
     }
 
 

@@ -162,8 +162,10 @@ def stored_envelope(direct: Any, bucket: str, key: str) -> dict[str, str]:
     """An object's envelope as stored (short ``cmek-*`` names), in metadata or a sidecar."""
     head = direct.head_object(Bucket=bucket, Key=key)
     meta = {k.lower(): v for k, v in head["Metadata"].items()}
-    if any(k.startswith("cmek-") for k in meta):
+    if any(k.startswith("cmek-") for k in meta) and meta.get("cmek-layout") != "p":
         return meta
+    # no metadata envelope (sidecar store), or a multipart object's pending one: the
+    # completed envelope is the one keyed by the object's ETag
     from proxy.layer.envelopes import sidecar_prefix
 
     side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + head["ETag"].strip('"'))[

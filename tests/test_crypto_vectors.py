@@ -29,6 +29,7 @@ from proxy.crypto import (
     from_metadata,
     open_object_key,
 )
+from proxy.errors import IntegrityError
 
 HERE = Path(__file__).resolve().parent
 VECTORS = HERE / "vectors"
@@ -52,7 +53,9 @@ def _committed(name: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("name", ["stream_v1.json", "seal_v1.json", "envelope_v1.json"])
+@pytest.mark.parametrize(
+    "name", ["stream_v1.json", "seal_v1.json", "envelope_v1.json", "layout_v2.json"]
+)
 def test_regenerated_vectors_equal_committed(name: str) -> None:
     assert GEN.all_vectors()[name] == _committed(name)
 
@@ -156,3 +159,79 @@ def test_envelope_vector_parses() -> None:
         checksum=e["checksum"],
     )
     assert from_metadata(vec["metadata"]) == expected
+
+
+def _layout_positions(text: str) -> list[tuple[int, int, bool]]:
+    """(part, index, FINAL) of every segment, from the layout text as FORMAT.md 5.1 reads it."""
+    out = []
+    for run in text.split(","):
+        numbers, segments = run.split(":")
+        first, last = (int(x) for x in numbers.split("-"))
+        for part in range(first, last + 1):
+            n = int(segments)
+            out += [(part, i, i == n - 1) for i in range(n)]
+    return out
+
+
+def test_layout_v2_vector() -> None:
+    vec = _committed("layout_v2.json")
+    data_key = bytes.fromhex(vec["data_key"])
+    object_key = bytes.fromhex(vec["object_key"])
+    bucket, key = vec["bucket"].encode(), vec["key"].encode()
+    runs = [r.split(":") for r in vec["layout"].split(",")]
+    layout_bytes = len(runs).to_bytes(2, "big") + b"".join(
+        int(a).to_bytes(2, "big") + int(b).to_bytes(2, "big") + int(n).to_bytes(4, "big")
+        for (a, b), n in ((r[0].split("-"), r[1]) for r in runs)
+    )
+    assert layout_bytes.hex() == vec["layout_bytes"]
+    head = (
+        (18).to_bytes(4, "big")
+        + b"cmek-proxy/v2/seal"
+        + b"\x02"
+        + len(bucket).to_bytes(4, "big")
+        + bucket
+        + len(key).to_bytes(4, "big")
+        + key
+    )
+    sealing_key = _hkdf(data_key, b"cmek-proxy/v1/seal")
+    for label, bound in (("pending", b"\x02"), ("completed", b"\x01" + layout_bytes)):
+        case = vec["seal"][label]
+        assert bytes.fromhex(case["aad"]) == head + bound
+        sealed = bytes.fromhex(case["sealed"])
+        assert AESGCM(sealing_key).decrypt(sealed[:12], sealed[12:], head + bound) == object_key
+        env = from_metadata(vec["metadata"][label])
+        assert env is not None and env.sealed_object_key == sealed
+        assert env.pending == (label == "pending")
+        assert open_object_key(data_key, sealed, env.binding(vec["bucket"], vec["key"])) == (
+            object_key
+        )
+    # The v1 binding of the same object does not open either seal: no downgrade.
+    for label in ("pending", "completed"):
+        sealed = bytes.fromhex(vec["seal"][label]["sealed"])
+        with pytest.raises(IntegrityError):
+            open_object_key(data_key, sealed, Binding(vec["bucket"], vec["key"], multipart=True))
+    # The body: every segment stands where the layout says.
+    total = sum(p["plaintext_size"] for p in vec["parts"])
+    body = b""
+    offset = 0
+    for p in vec["parts"]:
+        size = p["plaintext_size"]
+        body += encrypt_all(
+            object_key,
+            GEN.pattern(offset + size)[offset:],
+            p["number"],
+            random_bytes=GEN.deterministic_random(f"v2/part{p['number']}"),
+        )
+        offset += size
+    assert len(body) == vec["stored_size"]
+    assert hashlib.sha256(body).hexdigest() == vec["stored_sha256"]
+    segments = [body[i : i + S + 32] for i in range(0, len(body), S + 32)]
+    assert len(segments) == len(_layout_positions(vec["layout"]))
+    for seg, (part, index, final) in zip(segments, _layout_positions(vec["layout"]), strict=True):
+        _, flags, got_part, got_index = struct.unpack(">BBHI", seg[:8])
+        assert (got_part, got_index, bool(flags & 1)) == (part, index, final)
+    completed = from_metadata(vec["metadata"]["completed"])
+    assert completed is not None and completed.layout is not None
+    assert decrypt_all(object_key, body, multipart=True, layout=completed.layout) == GEN.pattern(
+        total
+    )

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from proxy import crypto
 from proxy.layer.uploads import STATE_PREFIX, UploadState
 from tests.servers import ProxyThread
 from tests.test_e2e_core import _data
@@ -45,6 +46,20 @@ def _part(client: Any, bucket: str, key: str, up: str, number: int, body: bytes)
         Bucket=bucket, Key=key, UploadId=up, PartNumber=number, Body=body
     )["ETag"]
     return etag
+
+
+def _completed(proxy: Any, bucket: str, key: str, env: Any, sizes: list[int]) -> Any:
+    """The envelope Complete writes for parts of ``sizes``: the upload's, bound to the layout."""
+    layout = crypto.PartLayout.from_parts(enumerate(sizes, 1))
+
+    async def make() -> Any:
+        dk = await proxy.proxy.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
+        object_key = crypto.open_object_key(dk, env.sealed_object_key, env.binding(bucket, key))
+        final = replace(env, pending=False, layout=layout)
+        sealed = crypto.seal_object_key(dk, object_key, final.binding(bucket, key))
+        return replace(final, sealed_object_key=sealed)
+
+    return proxy.call(make())
 
 
 def test_complete_repeated_after_success_answers_the_same(client: Any, bucket: str) -> None:
@@ -107,6 +122,8 @@ def test_backend_completed_but_proxy_died_before_the_envelope(
     parts = [(1, _part(client, bucket, "k", up, 1, p1)), (2, _part(client, bucket, "k", up, 2, p2))]
     raw = direct.get_object(Bucket=bucket, Key=STATE_PREFIX + up)["Body"].read()
     env = UploadState.from_json(raw).envelope
+    assert env is not None and env.pending
+    env = _completed(proxy, bucket, "k", env, [len(p1), len(p2)])
     proxy.call(proxy.proxy.envelopes.write_pending(bucket, "k", up, env))  # as Complete does
     stored = direct.list_parts(Bucket=bucket, Key="k", UploadId=up)["Parts"]
     # the backend's Complete, then the kill

@@ -1,4 +1,4 @@
-"""Format v1 cryptography of cmek-proxy: pure, synchronous, no I/O (see docs/FORMAT.md)."""
+"""Format v1 and v2 cryptography of cmek-proxy: pure, synchronous, no I/O (see docs/FORMAT.md)."""
 
 from proxy.crypto.envelope import (
     INTERNAL_PREFIX,
@@ -8,6 +8,7 @@ from proxy.crypto.envelope import (
     M_KEK_VERSION,
     M_LAYOUT,
     M_OBJECT_KEY,
+    M_PARTS,
     M_REPLICAS,
     M_VERSION,
     META_PREFIX,
@@ -18,8 +19,10 @@ from proxy.crypto.envelope import (
     strip_internal,
     to_metadata,
 )
+from proxy.crypto.layout import MAX_RUNS, PartLayout, PartRun
 from proxy.crypto.seal import (
     DATA_KEY_SIZE,
+    ENVELOPE_VERSION_LAYOUT,
     SEALED_KEY_SIZE,
     Binding,
     open_object_key,
@@ -53,10 +56,12 @@ from proxy.crypto.sizes import (
 
 __all__ = [
     "DATA_KEY_SIZE",
+    "ENVELOPE_VERSION_LAYOUT",
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "INTERNAL_PREFIX",
     "MAX_PART",
+    "MAX_RUNS",
     "META_PREFIX",
     "M_CHECKSUM",
     "M_DATA_KEY",
@@ -64,6 +69,7 @@ __all__ = [
     "M_KEK_VERSION",
     "M_LAYOUT",
     "M_OBJECT_KEY",
+    "M_PARTS",
     "M_REPLICAS",
     "M_VERSION",
     "OBJECT_KEY_SIZE",
@@ -73,6 +79,8 @@ __all__ = [
     "STORED_SEGMENT_SIZE",
     "Binding",
     "Envelope",
+    "PartLayout",
+    "PartRun",
     "SegmentRange",
     "StreamDecryptor",
     "StreamEncryptor",

@@ -11,7 +11,8 @@ import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from proxy.crypto.seal import SEALED_KEY_SIZE
+from proxy.crypto.layout import PartLayout
+from proxy.crypto.seal import ENVELOPE_VERSION_LAYOUT, SEALED_KEY_SIZE, Binding
 from proxy.crypto.sizes import FORMAT_VERSION
 from proxy.errors import FormatError
 
@@ -27,13 +28,16 @@ M_CHECKSUM = "x-amz-meta-cmek-ck"
 M_REPLICAS = "x-amz-meta-cmek-kr"
 """Optional: the data key wrapped under the key's replicas (``WrappedReplica``), see
 docs/FORMAT.md section 7.2."""
+M_PARTS = "x-amz-meta-cmek-parts"
+"""v2: the completed multipart object's layout (``PartLayout`` text), FORMAT.md section 5.1."""
 MAX_REPLICAS = 3
 
 LAYOUT_SINGLE = "s"
 LAYOUT_MULTIPART = "m"
+LAYOUT_PENDING = "p"
 
 _REQUIRED = (M_VERSION, M_KEK, M_DATA_KEY, M_OBJECT_KEY, M_LAYOUT)
-_KNOWN = frozenset((*_REQUIRED, M_KEK_VERSION, M_CHECKSUM, M_REPLICAS))
+_KNOWN = frozenset((*_REQUIRED, M_KEK_VERSION, M_CHECKSUM, M_REPLICAS, M_PARTS))
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,18 @@ class Envelope:
     checksum: str | None = None
     replicas: tuple[WrappedReplica, ...] = ()
     """The data key wrapped under the key's replicas (in the configured order)."""
+    layout: PartLayout | None = None
+    """v2: the layout of a completed multipart object, bound into its sealed object key."""
+    pending: bool = False
+    """v2: the envelope of a multipart upload not completed yet: never read an object with."""
+
+    def binding(self, bucket: str, key: str) -> Binding:
+        """What this envelope's sealed object key is bound to, at ``bucket``/``key``."""
+        return Binding(bucket, key, self.multipart, self.layout, self.pending)
+
+    @property
+    def version(self) -> int:
+        return ENVELOPE_VERSION_LAYOUT if self.layout is not None or self.pending else 1
 
 
 def _check_text(name: str, value: str, *, allow_empty: bool) -> None:
@@ -90,13 +106,17 @@ def to_metadata(env: Envelope) -> dict[str, str]:
         raise ValueError("wrapped data key must not be empty")
     if len(env.sealed_object_key) != SEALED_KEY_SIZE:
         raise ValueError(f"sealed object key must be {SEALED_KEY_SIZE} bytes")
+    env.binding("", "")  # a consistent layout
+    layout = LAYOUT_MULTIPART if env.multipart else LAYOUT_SINGLE
     meta = {
-        M_VERSION: str(FORMAT_VERSION),
+        M_VERSION: str(env.version),
         M_KEK: env.kek_uri,
         M_DATA_KEY: _b64encode(env.wrapped_data_key),
         M_OBJECT_KEY: _b64encode(env.sealed_object_key),
-        M_LAYOUT: LAYOUT_MULTIPART if env.multipart else LAYOUT_SINGLE,
+        M_LAYOUT: LAYOUT_PENDING if env.pending else layout,
     }
+    if env.layout is not None:
+        meta[M_PARTS] = env.layout.to_text()
     if env.kek_version:  # omitted when empty: some backends drop empty metadata values
         meta[M_KEK_VERSION] = env.kek_version
     if env.checksum is not None:
@@ -168,7 +188,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
     version = found.get(M_VERSION)
     if version is None:
         raise FormatError(f"metadata {M_VERSION} is missing")
-    if version != str(FORMAT_VERSION):
+    if version not in (str(FORMAT_VERSION), str(ENVELOPE_VERSION_LAYOUT)):
         raise FormatError(f"unsupported format version {version[:16]!r}")
     unknown = sorted(found.keys() - _KNOWN)
     if unknown:
@@ -185,8 +205,7 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
     if len(sealed) != SEALED_KEY_SIZE:
         raise FormatError(f"metadata {M_OBJECT_KEY} must hold {SEALED_KEY_SIZE} bytes")
     layout = found[M_LAYOUT]
-    if layout not in (LAYOUT_SINGLE, LAYOUT_MULTIPART):
-        raise FormatError(f"metadata {M_LAYOUT} must be {LAYOUT_SINGLE!r} or {LAYOUT_MULTIPART!r}")
+    parts = _parse_layout(version == str(ENVELOPE_VERSION_LAYOUT), layout, found.get(M_PARTS))
     checksum = found.get(M_CHECKSUM)
     replicas = found.get(M_REPLICAS)
     return Envelope(
@@ -194,10 +213,31 @@ def from_metadata(headers: Mapping[str, str]) -> Envelope | None:
         kek_version=found.get(M_KEK_VERSION, ""),
         wrapped_data_key=wrapped,
         sealed_object_key=sealed,
-        multipart=layout == LAYOUT_MULTIPART,
+        multipart=layout != LAYOUT_SINGLE,
         checksum=checksum if checksum else None,
         replicas=_parse_replicas(found[M_KEK], replicas) if replicas is not None else (),
+        layout=parts,
+        pending=layout == LAYOUT_PENDING,
     )
+
+
+def _parse_layout(v2: bool, layout: str, parts: str | None) -> PartLayout | None:
+    """v1: ``s`` or ``m``, no parts; v2: ``m`` with parts, or ``p`` (pending) without."""
+    if not v2:
+        if layout not in (LAYOUT_SINGLE, LAYOUT_MULTIPART):
+            raise FormatError(
+                f"metadata {M_LAYOUT} must be {LAYOUT_SINGLE!r} or {LAYOUT_MULTIPART!r}"
+            )
+        if parts is not None:
+            raise FormatError(f"metadata {M_PARTS} in a version 1 envelope")
+        return None
+    if layout == LAYOUT_PENDING:
+        if parts is not None:
+            raise FormatError(f"metadata {M_PARTS} in a pending envelope")
+        return None
+    if layout != LAYOUT_MULTIPART or parts is None:
+        raise FormatError(f"a version 2 envelope is multipart with {M_PARTS}, or pending")
+    return PartLayout.from_text(parts)
 
 
 def is_internal(name: str) -> bool:

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from proxy.crypto.layout import PartLayout
 from proxy.crypto.segments import OBJECT_KEY_SIZE, RandomBytes
 from proxy.crypto.sizes import FORMAT_VERSION
 from proxy.errors import IntegrityError
@@ -18,6 +19,9 @@ DATA_KEY_SIZE = 32
 SEAL_NONCE_SIZE = 12
 SEALED_KEY_SIZE = SEAL_NONCE_SIZE + OBJECT_KEY_SIZE + 16
 _SEAL_LABEL = b"cmek-proxy/v1/seal"
+_SEAL_LABEL_V2 = b"cmek-proxy/v2/seal"
+ENVELOPE_VERSION_LAYOUT = 2
+"""The envelope version of multipart objects whose layout is bound (FORMAT.md section 5.1)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,20 @@ class Binding:
     bucket: str
     key: str
     multipart: bool
+    layout: PartLayout | None = None
+    """v2: the completed multipart object's part layout."""
+    pending: bool = False
+    """v2: a multipart upload not completed yet (its key opens for parts, never for reads)."""
+
+    def __post_init__(self) -> None:
+        if (self.layout is not None or self.pending) and not self.multipart:
+            raise ValueError("only multipart bindings carry a layout")
+        if self.layout is not None and self.pending:
+            raise ValueError("a pending binding has no layout yet")
+
+    @property
+    def version(self) -> int:
+        return ENVELOPE_VERSION_LAYOUT if self.layout is not None or self.pending else 1
 
 
 def _lp(value: bytes) -> bytes:
@@ -35,6 +53,17 @@ def _lp(value: bytes) -> bytes:
 
 def seal_aad(binding: Binding) -> bytes:
     """The canonical associated data of a sealed object key for ``binding``."""
+    if binding.version == ENVELOPE_VERSION_LAYOUT:
+        bound = b"\x02" if binding.layout is None else b"\x01" + binding.layout.to_bytes()
+        return b"".join(
+            (
+                _lp(_SEAL_LABEL_V2),
+                ENVELOPE_VERSION_LAYOUT.to_bytes(1, "big"),
+                _lp(binding.bucket.encode("utf-8")),
+                _lp(binding.key.encode("utf-8")),
+                bound,
+            )
+        )
     return b"".join(
         (
             _lp(_SEAL_LABEL),

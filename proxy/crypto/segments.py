@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from proxy.crypto.layout import MAX_PART as LAYOUT_MAX_PART
+from proxy.crypto.layout import PartLayout
 from proxy.crypto.sizes import (
     FORMAT_VERSION,
     HEADER_SIZE,
@@ -31,7 +33,7 @@ RandomBytes = Callable[[int], bytes]
 
 OBJECT_KEY_SIZE = 32
 FLAG_FINAL = 0x01
-MAX_PART = 10000
+MAX_PART = LAYOUT_MAX_PART
 MAX_INDEX = 2**32 - 1
 RANDOM_SIZE = 8
 _NONCE_OFFSET = 4
@@ -160,10 +162,20 @@ class StreamDecryptor:
         first_segment: int,
         last_segment: int,
         total_segments: int,
+        layout: PartLayout | None = None,
     ) -> None:
         _check_object_key(object_key)
         if not 0 <= first_segment <= last_segment < total_segments:
             raise ValueError("segments must satisfy 0 <= first <= last < total")
+        if layout is not None:
+            if not multipart:
+                raise ValueError("only a multipart body has a part layout")
+            if layout.total_segments != total_segments:
+                raise IntegrityError(
+                    f"the stored size holds {total_segments} segments, the object's bound "
+                    f"layout {layout.total_segments}: parts were removed, added or cut"
+                )
+        self._layout = layout
         self._object_key = bytes(object_key)
         self._multipart = multipart
         self._keys: dict[int, AESGCM] = {}
@@ -268,7 +280,13 @@ class StreamDecryptor:
         except InvalidTag:
             raise IntegrityError(f"segment {number}: authentication failed") from None
         final = bool(flags & FLAG_FINAL)
-        if self._multipart:
+        if self._layout is not None:
+            if (part, index, final) != self._layout.position(number):
+                raise IntegrityError(
+                    f"segment {number}: found part {part} index {index} where the bound layout "
+                    "has another segment (parts or segments reordered, duplicated or replaced)"
+                )
+        elif self._multipart:
             self._check_multipart_position(number, part, index, final)
         else:
             self._check_single_position(number, index, final)
@@ -356,7 +374,12 @@ def encrypt_all(
     return encryptor.update(plaintext) + encryptor.finalize()
 
 
-def decrypt_all(object_key: bytes, stored: Buffer, multipart: bool = False) -> bytes:
+def decrypt_all(
+    object_key: bytes,
+    stored: Buffer,
+    multipart: bool = False,
+    layout: PartLayout | None = None,
+) -> bytes:
     """Verify and decrypt a whole body at once (for tests and tools)."""
     total = segment_count(len(memoryview(stored).cast("B")))
     decryptor = StreamDecryptor(
@@ -365,5 +388,6 @@ def decrypt_all(object_key: bytes, stored: Buffer, multipart: bool = False) -> b
         first_segment=0,
         last_segment=total - 1,
         total_segments=total,
+        layout=layout,
     )
     return decryptor.update(stored) + decryptor.finalize()

@@ -99,9 +99,7 @@ def rotate_key_file(path: Path) -> KeyFile:
     while f"k{n}" in kf.keys:
         n += 1
     new_id = f"k{n}"
-    rotated = KeyFile(
-        primary=new_id, keys={**kf.keys, new_id: AESGCM.generate_key(bit_length=256)}
-    )
+    rotated = KeyFile(primary=new_id, keys={**kf.keys, new_id: AESGCM.generate_key(bit_length=256)})
     rotated.save(path)
     return rotated
 

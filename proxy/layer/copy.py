@@ -18,7 +18,7 @@ from typing import Final
 from urllib.parse import unquote
 
 from proxy import crypto
-from proxy.errors import FormatError, S3Error
+from proxy.errors import FormatError, IntegrityError, S3Error
 from proxy.layer.checksum_store import FULL_OBJECT, StoredChecksum, reseal_checksum
 from proxy.layer.copy_parts import CopySource, iso_time, multipart_copy
 from proxy.layer.envelopes import etag_core
@@ -70,6 +70,7 @@ def copy_conditions(headers: Mapping[str, str]) -> dict[str, str]:
 
 _COPY_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 """The only form UploadPartCopy accepts (S3 refuses suffixes, open and multiple ranges)."""
+
 
 class CopyLayer:
     def __init__(self, objects: ObjectLayer, multipart: MultipartLayer) -> None:
@@ -310,13 +311,11 @@ class CopyLayer:
         self, src: CopySource, bucket: str, key: str, env: crypto.Envelope
     ) -> crypto.Envelope:
         """``env`` (of the source) re-sealed for the destination's bucket, name and data key."""
+        if env.pending:
+            raise IntegrityError("copy source has no completed envelope")
         object_key = await self.objects.object_key_for(src.bucket, src.key, env)
         dk = await self.objects.keys.data_key_for_write(env.kek_uri, bucket)
-        sealed = crypto.seal_object_key(
-            dk.plaintext,
-            object_key,
-            crypto.Binding(bucket=bucket, key=key, multipart=env.multipart),
-        )
+        sealed = crypto.seal_object_key(dk.plaintext, object_key, env.binding(bucket, key))
         checksum = None
         if env.checksum is not None:
             checksum = reseal_checksum(
@@ -330,6 +329,7 @@ class CopyLayer:
             sealed_object_key=sealed,
             multipart=env.multipart,
             checksum=checksum,
+            layout=env.layout,
         )
 
     async def _recrypt(

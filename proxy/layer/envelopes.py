@@ -42,7 +42,7 @@ SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
 KEY_FIELD: Final = "key"
 """The sidecar names its object's key, so ``gc`` can tell an orphan (the folder is a hash)."""
 PENDING_PREFIX: Final = ".cmek-proxy/pending/"
-"""``<sha256(key)>/<upload id>``: the envelope of a multipart Complete in flight (sidecar store)."""
+"""``<sha256(key)>/<upload id>``: the envelope of a multipart Complete in flight (both stores)."""
 _MAX_PENDING: Final = 16
 _CACHE_ENTRIES: Final = 50_000
 
@@ -98,6 +98,12 @@ class EnvelopeStore(Protocol):
         plaintext write): drop the envelopes of the versions it replaced."""
         ...
 
+    async def commit_completed(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        """After a multipart Complete: the completed object's envelope (v2, with its layout)."""
+        ...
+
     async def write_pending(
         self, bucket: str, key: str, upload_id: str, env: crypto.Envelope
     ) -> None:
@@ -120,10 +126,18 @@ class EnvelopeStore(Protocol):
 
 
 class MetadataEnvelopes:
-    """Envelopes in the object's own user metadata."""
+    """Envelopes in the object's own user metadata.
+
+    A multipart object is the exception: its metadata is fixed at CreateMultipartUpload,
+    before its layout is known, so it holds the upload's *pending* envelope, and the
+    completed object's v2 envelope (with the layout) is kept as the sidecar store keeps
+    every envelope, in a small object keyed by the completed object's ETag (``layouts``)."""
 
     kind: StoreKind = "metadata"
     needs_stored_md5 = False
+
+    def __init__(self, backend: BackendClient, cache_ttl: float = 300.0) -> None:
+        self.layouts = SidecarEnvelopes(backend, cache_ttl=cache_ttl)
 
     def put_headers(self, env: crypto.Envelope) -> dict[str, str]:
         return crypto.to_metadata(env)
@@ -136,12 +150,19 @@ class MetadataEnvelopes:
     async def after_commit(
         self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
     ) -> None:
-        return None
+        # a copy or rewrite stored its envelope in the metadata: completed envelopes of
+        # multipart versions it replaced go (PUTs and deletes leave them to ``gc``)
+        await self.layouts.prune(bucket, key, None, None)
 
     async def read(
         self, bucket: str, key: str, headers: Mapping[str, str]
     ) -> crypto.Envelope | None:
-        return crypto.from_metadata(headers)
+        env = crypto.from_metadata(headers)
+        if env is not None and env.pending:
+            final = await self.layouts.read(bucket, key, headers)
+            if final is not None and final.layout is not None:
+                return final
+        return env  # pending: ``recover`` looks for the Complete in flight
 
     async def forget(self, bucket: str, key: str) -> None:
         return None
@@ -151,21 +172,30 @@ class MetadataEnvelopes:
     ) -> None:
         return None
 
+    async def commit_completed(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        if env.layout is not None:
+            await self.layouts.after_commit(bucket, key, env, backend_etag)
+
     async def write_pending(
         self, bucket: str, key: str, upload_id: str, env: crypto.Envelope
     ) -> None:
-        return None  # the backend's Complete carries the upload's metadata atomically
+        await self.layouts.write_pending(bucket, key, upload_id, env)
 
     async def drop_pending(self, bucket: str, key: str, upload_id: str) -> None:
-        return None
+        await self.layouts.drop_pending(bucket, key, upload_id)
 
     async def recover(
         self, bucket: str, key: str, headers: Mapping[str, str], open_key: OpenKey
     ) -> crypto.Envelope | None:
-        return None
+        return await self.layouts.recover(bucket, key, headers, open_key)
 
     def invalidate(self, bucket: str, key: str) -> None:
-        return None
+        self.layouts.invalidate(bucket, key)
+
+    def clear_cache(self) -> None:
+        self.layouts.clear_cache()
 
 
 def sidecar_prefix(key: str) -> str:
@@ -241,6 +271,11 @@ class SidecarEnvelopes:
             raise FormatError("backend gave the stored object no ETag")
         await self._write(bucket, key, etag, env)
         await self.prune(bucket, key, etag, env)
+
+    async def commit_completed(
+        self, bucket: str, key: str, env: crypto.Envelope, backend_etag: str | None
+    ) -> None:
+        await self.after_commit(bucket, key, env, backend_etag)
 
     async def read(
         self, bucket: str, key: str, headers: Mapping[str, str]
@@ -392,8 +427,8 @@ class SidecarEnvelopes:
                 env = crypto.from_metadata({str(k): str(v) for k, v in dict(meta).items()})
             except (ValueError, TypeError, FormatError):
                 continue
-            if env is None or not env.multipart:
-                continue
+            if env is None or not env.multipart or env.pending:
+                continue  # a pending one: a Complete whose layout is being rewritten
             try:
                 object_key = await open_key(env)
             except IntegrityError:
@@ -404,20 +439,25 @@ class SidecarEnvelopes:
         return None
 
     async def _first_segment(self, bucket: str, key: str, etag: str) -> bytes:
-        hdrs = {"range": f"bytes=0-{crypto.STORED_SEGMENT_SIZE - 1}", "if-match": f'"{etag}"'}
-        resp = await self._backend.request("GET", bucket, key, headers=hdrs)
-        try:
-            if resp.status not in (200, 206):
-                return b""
-            data = await resp.content.read(crypto.STORED_SEGMENT_SIZE)
-            while len(data) < crypto.STORED_SEGMENT_SIZE:
-                more = await resp.content.read(crypto.STORED_SEGMENT_SIZE - len(data))
-                if not more:
-                    break
-                data += more
-            return data
-        finally:
-            resp.close()
+        return await first_segment(self._backend, bucket, key, etag)
+
+
+async def first_segment(backend: BackendClient, bucket: str, key: str, etag: str) -> bytes:
+    """The first stored segment of the object version ``etag`` (empty if it changed)."""
+    hdrs = {"range": f"bytes=0-{crypto.STORED_SEGMENT_SIZE - 1}", "if-match": f'"{etag}"'}
+    resp = await backend.request("GET", bucket, key, headers=hdrs)
+    try:
+        if resp.status not in (200, 206):
+            return b""
+        data = await resp.content.read(crypto.STORED_SEGMENT_SIZE)
+        while len(data) < crypto.STORED_SEGMENT_SIZE:
+            more = await resp.content.read(crypto.STORED_SEGMENT_SIZE - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        resp.close()
 
 
 def pending_prefix(key: str) -> str:
@@ -427,4 +467,4 @@ def pending_prefix(key: str) -> str:
 def make_store(kind: StoreKind, backend: BackendClient, cache_ttl: float = 300.0) -> EnvelopeStore:
     if kind == "sidecar":
         return SidecarEnvelopes(backend, cache_ttl=cache_ttl)
-    return MetadataEnvelopes()
+    return MetadataEnvelopes(backend, cache_ttl=cache_ttl)

@@ -25,11 +25,11 @@ from cachetools import TTLCache
 from proxy import crypto
 from proxy.errors import FormatError, S3Error
 from proxy.layer.checksum_store import COMPOSITE, StoredChecksum, seal_checksum
-from proxy.layer.headers import client_storable_headers, sse_headers, storable_headers
+from proxy.layer.envelopes import etag_core, first_segment
+from proxy.layer.headers import client_storable_headers, sse_headers
 from proxy.layer.objects import ObjectLayer, PutResult, backend_etag, client_etag
 from proxy.layer.rewrite import StoredPart, realign
 from proxy.layer.uploads import (
-    MAX_COPY_SIZE,
     MIN_PART_SIZE,
     STATE_PREFIX,
     ClientPart,
@@ -117,7 +117,7 @@ class MultipartLayer:
             sealed = crypto.seal_object_key(
                 dk.plaintext,
                 crypto.new_object_key(),
-                crypto.Binding(bucket=bucket, key=key, multipart=True),
+                crypto.Binding(bucket=bucket, key=key, multipart=True, pending=True),
             )
             env = crypto.Envelope(
                 kek_uri=dk.kek_uri or decision.key_uri,
@@ -126,6 +126,7 @@ class MultipartLayer:
                 replicas=dk.replicas,
                 sealed_object_key=sealed,
                 multipart=True,
+                pending=True,
             )
             out.update(self.objects.envelopes.put_headers(env))
             resp_headers.update(sse_headers(decision.key_uri))
@@ -292,16 +293,17 @@ class MultipartLayer:
                     extra={"PartNumber": str(p.number), "ProposedSize": str(size)},
                 )
         checksum = combined_checksum(state, parts, sizes, headers)
-        aligned = all(s % crypto.SEGMENT_SIZE == 0 for s in sizes[:-1]) and (
-            len(sizes) == 1 or sizes[-1] > 0
+        # The completed object's layout, bound into its envelope (FORMAT.md section 5.1);
+        # None: not aligned, or too many runs to bind - the object is then rewritten.
+        layout = crypto.PartLayout.from_parts(
+            (p.number, size) for p, size in zip(parts, sizes, strict=True)
         )
+        aligned = layout is not None
         env = state.envelope
         sidecar = self.objects.envelopes.kind == "sidecar"
-        if sidecar and aligned and checksum is not None:
-            object_key = await self.objects.object_key_for(bucket, key, env)
-            env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
-        if sidecar:
-            await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
+        if layout is not None:
+            env = await self.completed_envelope(bucket, key, env, layout, checksum)
+        await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
         if not aligned:
             redo = tuple(
                 (p.number, stored[p.number].etag, stored[p.number].stored_size) for p in parts
@@ -326,12 +328,8 @@ class MultipartLayer:
             await realign(
                 self.objects, bucket, key, env, [stored[p.number] for p in parts], checksum
             )
-        elif sidecar:
-            await self.objects.commit_envelope(bucket, key, env, None)
-        elif (
-            checksum is not None and sum(crypto.ciphertext_size(s) for s in sizes) <= MAX_COPY_SIZE
-        ):
-            await self._store_checksum(bucket, key, env, checksum)
+        else:
+            await self.objects.envelopes.commit_completed(bucket, key, env, None)
         head, _ = await self.backend.call("HEAD", bucket, key)
         etag = client_etag(head.headers.get("etag"), True) or ""
         out = sse_headers(env.kek_uri)
@@ -342,9 +340,29 @@ class MultipartLayer:
             fields.append(("ChecksumType", checksum.type))
         done = Completion(tuple((p.number, _etag(p.etag)) for p in parts), etag, out, tuple(fields))
         await self._put_state(upload_id, replace(state, done=done))
-        if sidecar:
-            await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         return self._answer(bucket, key, done)
+
+    async def completed_envelope(
+        self,
+        bucket: str,
+        key: str,
+        env: crypto.Envelope,
+        layout: crypto.PartLayout,
+        checksum: StoredChecksum | None,
+    ) -> crypto.Envelope:
+        """The upload's envelope re-sealed for the completed object: its object key bound to
+        ``layout`` (v2), with the client's checksum if it gave one."""
+        data_key = await self.objects.keys.unwrap(
+            env.kek_uri, env.wrapped_data_key, bucket, env.replicas
+        )
+        object_key = crypto.open_object_key(
+            data_key, env.sealed_object_key, env.binding(bucket, key)
+        )
+        final = replace(env, pending=False, layout=layout)
+        sealed = crypto.seal_object_key(data_key, object_key, final.binding(bucket, key))
+        sealed_checksum = seal_checksum(object_key, bucket, key, checksum) if checksum else None
+        return replace(final, sealed_object_key=sealed, checksum=sealed_checksum)
 
     async def _finish_lost(
         self,
@@ -364,6 +382,9 @@ class MultipartLayer:
             sizes = [crypto.plaintext_size(r.stored_size) for r in again]
             checksum = combined_checksum(state, parts, sizes, headers)
             await realign(self.objects, bucket, key, state.envelope, again, checksum)
+        else:  # the completed envelope, from the pending one if it was not stored yet
+            head, _ = await self.backend.call("HEAD", bucket, key)
+            await self.objects.envelope(bucket, key, head.headers)
         head, _ = await self.backend.call("HEAD", bucket, key)
         done = Completion(
             tuple((p.number, _etag(p.etag)) for p in parts),
@@ -398,28 +419,23 @@ class MultipartLayer:
         return data
 
     async def _completed_by(self, bucket: str, key: str, state: UploadState) -> bool:
+        """Whether the object stored at the key is this upload, completed: its first stored
+        segment authenticates under the upload's object key."""
         head, _ = await self.backend.call("HEAD", bucket, key, ok=(200, 404))
         if head.status != 200:
             return False
         if state.envelope is None:
             return "-" in (head.headers.get("etag") or "")  # a plaintext multipart object
-        found = await self.objects.envelope(bucket, key, head.headers)
-        return found is not None and found.sealed_object_key == state.envelope.sealed_object_key
-
-    async def _store_checksum(
-        self, bucket: str, key: str, env: crypto.Envelope, checksum: StoredChecksum
-    ) -> None:
-        """Add the client's checksum to a completed upload's envelope (metadata self-copy)."""
-        head, _ = await self.backend.call("HEAD", bucket, key)
-        object_key = await self.objects.object_key_for(bucket, key, env)
-        new_env = replace(env, checksum=seal_checksum(object_key, bucket, key, checksum))
-        await self.objects.update_envelope(
-            bucket,
-            key,
-            storable_headers(head.headers),
-            new_env,
-            client_etag(head.headers.get("etag"), True) or "",
-        )
+        etag = etag_core(head.headers.get("etag"))
+        try:
+            total = crypto.segment_count(int(head.headers.get("content-length", "")))
+        except (ValueError, FormatError):
+            return False
+        if etag is None:
+            return False
+        first = await first_segment(self.backend, bucket, key, etag)
+        object_key = await self.objects.object_key_for(bucket, key, state.envelope)
+        return crypto.opens_first_segment(object_key, first, total, multipart=True)
 
 
 _UPLOAD_GONE: Final = frozenset({"NoSuchUpload", "NoSuchKey"})

@@ -89,7 +89,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         self.keys = keys
         self.policy = policy
         self.metrics = metrics
-        self.envelopes: EnvelopeStore = envelopes or MetadataEnvelopes()
+        self.envelopes: EnvelopeStore = envelopes or MetadataEnvelopes(backend)
 
     # ------------------------------------------------------------------ GET / HEAD
     async def head_object(
@@ -283,6 +283,9 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         # Stored offset and total stored size of what the backend sent.
         stored_total, stored_start = stored_extent(resp)
         plain_total = self.plaintext_size(stored_total)
+        if env.pending:  # never read with an upload's envelope (``envelope`` resolves it)
+            self.metrics.integrity_failures.inc()
+            raise IntegrityError("multipart object without its completed envelope")
         object_key = await self.object_key_for(bucket, key, env)
         total_segments = crypto.segment_count(stored_total)
         if rng is None:
@@ -304,13 +307,18 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
             status = 206
         if stored_start > plan.ct_start:
             raise FormatError("backend returned a range that starts after the needed segments")
-        decryptor = crypto.StreamDecryptor(
-            object_key,
-            multipart=env.multipart,
-            first_segment=plan.first_segment,
-            last_segment=plan.last_segment,
-            total_segments=total_segments,
-        )
+        try:
+            decryptor = crypto.StreamDecryptor(
+                object_key,
+                multipart=env.multipart,
+                first_segment=plan.first_segment,
+                last_segment=plan.last_segment,
+                total_segments=total_segments,
+                layout=env.layout,
+            )
+        except IntegrityError:
+            self.metrics.integrity_failures.inc()
+            raise
         body = self._decrypt_body(resp, decryptor, plan, plan.ct_start - stored_start)
         return GetResult(status, headers, body, plan.length)
 
@@ -371,7 +379,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
             return crypto.open_object_key(
                 data_key,
                 env.sealed_object_key,
-                crypto.Binding(bucket=bucket, key=key, multipart=env.multipart),
+                env.binding(bucket, key),
             )
         except IntegrityError:
             self.metrics.integrity_failures.inc()
@@ -392,12 +400,21 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
     ) -> crypto.Envelope | None:
         try:
             env = await self.envelopes.read(bucket, key, headers)
-            if env is None and self.envelopes.kind == "sidecar":
-                env = await self.envelopes.recover(
+            if (env is None and self.envelopes.kind == "sidecar") or (
+                env is not None and env.pending
+            ):
+                found = await self.envelopes.recover(
                     bucket, key, headers, lambda found: self.object_key_for(bucket, key, found)
                 )
+                if env is not None and found is None:
+                    raise IntegrityError(
+                        "this multipart object has no completed envelope: its upload was "
+                        "completed without cmek-proxy, or a Complete that rewrites its parts "
+                        "is unfinished (retry the CompleteMultipartUpload)"
+                    )
+                env = found
             return env
-        except FormatError:
+        except (FormatError, IntegrityError):
             self.metrics.integrity_failures.inc()
             raise
 

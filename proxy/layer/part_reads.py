@@ -71,6 +71,12 @@ class PartReader:
             if number != 1:
                 raise invalid_part_number()
             first, last = 0, total - 1
+        elif env.layout is not None:  # v2: the bound layout tells, no header reads needed
+            found = [(g, n) for p, g, n in env.layout.parts() if p == number]
+            if not found:
+                raise invalid_part_number()
+            first, last = found[0][0], found[0][0] + found[0][1] - 1
+            count = env.layout.runs[-1].last
         else:
             first, last, count = await self._locate(bucket, key, query, number, total)
         start = first * crypto.SEGMENT_SIZE

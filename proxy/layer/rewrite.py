@@ -144,19 +144,24 @@ async def _write_multipart(
     decision = objects.decide_write(bucket, key)
     meta = storable_headers(headers)
     object_key = crypto.new_object_key()
+    env: crypto.Envelope | None = None
     if decision.encrypt:
         assert decision.key_uri is not None
         dk = await objects.keys.data_key_for_write(decision.key_uri, bucket)
+        # the parts are chosen here, so the layout is known before the upload starts
+        sizes = [min(part_size, length - off) for off in range(0, length, part_size)]
+        layout = crypto.PartLayout.from_parts(enumerate(sizes, 1))
+        assert layout is not None  # whole segments, at most two runs
+        binding = crypto.Binding(bucket=bucket, key=key, multipart=True, layout=layout)
         env = crypto.Envelope(
             kek_uri=dk.kek_uri or decision.key_uri,
             kek_version=dk.key_version,
             wrapped_data_key=dk.wrapped,
             replicas=dk.replicas,
-            sealed_object_key=crypto.seal_object_key(
-                dk.plaintext, object_key, crypto.Binding(bucket=bucket, key=key, multipart=True)
-            ),
+            sealed_object_key=crypto.seal_object_key(dk.plaintext, object_key, binding),
             multipart=True,
             checksum=seal_checksum(object_key, bucket, key, checksum) if checksum else None,
+            layout=layout,
         )
         meta.update(objects.envelopes.put_headers(env))
     _, data = await objects.backend.call(
@@ -204,6 +209,6 @@ async def _write_multipart(
         raise
     raise_embedded_error(data)
     head, _ = await objects.backend.call("HEAD", bucket, key)
-    if decision.encrypt:
+    if env is not None:
         await objects.commit_envelope(bucket, key, env, head.headers.get("etag"))
     return client_etag(head.headers.get("etag"), decision.encrypt)

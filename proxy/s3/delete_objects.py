@@ -126,8 +126,12 @@ async def delete_objects(backend: BackendClient, bucket: str, body: bytes) -> De
         result.append(
             _element(
                 "Error",
-                [("Key", t.key), ("VersionId", t.version_id), ("Code", err.code),
-                 ("Message", err.message)],
+                [
+                    ("Key", t.key),
+                    ("VersionId", t.version_id),
+                    ("Code", err.code),
+                    ("Message", err.message),
+                ],
             )
         )
     outcome.document = serialize(result)

@@ -63,9 +63,11 @@ def parse_backend(data: bytes) -> ElementTree.Element:
     except ElementTree.ParseError as exc:
         text = data.decode("utf-8", "replace")
         safe = NEEDS_CARE.sub(
-            lambda m: "\ufffd"
-            if not m.group(0).startswith("&#") or _unholdable(m.group(0))
-            else m.group(0),
+            lambda m: (
+                "\ufffd"
+                if not m.group(0).startswith("&#") or _unholdable(m.group(0))
+                else m.group(0)
+            ),
             text.replace("\r\n", "\n"),
         )
         try:

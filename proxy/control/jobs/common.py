@@ -27,7 +27,7 @@ from proxy.control.audit import AuditLog
 from proxy.control.jobs.progress import Bar, human_bytes
 from proxy.control.policy import Policy
 from proxy.crypto import Envelope
-from proxy.errors import CmekError, FormatError, S3Error
+from proxy.errors import CmekError, FormatError, IntegrityError, S3Error
 from proxy.kms.keys import KeyService
 from proxy.layer.envelopes import EnvelopeStore, etag_core
 from proxy.wire.reserved import RESERVED_PREFIX
@@ -216,25 +216,26 @@ async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 async def object_key_of(ctx: JobContext, bucket: str, key: str, env: Envelope) -> bytes:
     dk = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
-    return crypto.open_object_key(
-        dk, env.sealed_object_key, crypto.Binding(bucket=bucket, key=key, multipart=env.multipart)
-    )
+    return crypto.open_object_key(dk, env.sealed_object_key, env.binding(bucket, key))
 
 
 async def decrypt_stream(
-    resp: aiohttp.ClientResponse, object_key: bytes, multipart: bool
+    resp: aiohttp.ClientResponse, object_key: bytes, env: Envelope
 ) -> AsyncIterator[bytes]:
     """Authenticate and decrypt a whole stored body as it arrives."""
+    if env.pending:
+        raise IntegrityError("multipart object without its completed envelope")
     stored = resp.content_length
     if stored is None:
         raise FormatError("backend sent no Content-Length for a stored object")
     total = crypto.segment_count(stored)
     dec = crypto.StreamDecryptor(
         object_key,
-        multipart=multipart,
+        multipart=env.multipart,
         first_segment=0,
         last_segment=total - 1,
         total_segments=total,
+        layout=env.layout,
     )
     async for chunk in iter_body(resp):
         out = dec.update(chunk)

@@ -192,7 +192,7 @@ async def encrypt_existing(
         check = hashlib.sha256()
         back = await get_ok(ctx.backend, bucket, tmp)
         try:
-            async for chunk in decrypt_stream(back, object_key, False):
+            async for chunk in decrypt_stream(back, object_key, env):
                 check.update(chunk)
         finally:
             back.release()

@@ -61,9 +61,9 @@ async def inventory(
         env = await ctx.envelopes.read(opts.bucket, obj.key, resp.headers)
         p.bytes += obj.size
         if env is None:
-            legacy = ctx.policy().decide(
-                opts.bucket, obj.key, resp.headers
-            ).encrypt  # an encrypted path: legacy, older or not
+            legacy = (
+                ctx.policy().decide(opts.bucket, obj.key, resp.headers).encrypt
+            )  # an encrypted path: legacy, older or not
             _add(report["plaintext_legacy" if legacy else "plaintext_allowed"], obj.size)
             p.by_key["(plaintext)"] += 1
             p.outcome("plaintext-legacy" if legacy else "plaintext-allowed")

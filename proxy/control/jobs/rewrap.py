@@ -83,7 +83,7 @@ async def rewrap(
             prog.by_key[f"{env.kek_uri} -> {target}"] += 1
             prog.outcome("would-rewrap")
             return
-        binding = crypto.Binding(bucket=bucket, key=key, multipart=env.multipart)
+        binding = env.binding(bucket, key)
         old = await ctx.keys.unwrap(env.kek_uri, env.wrapped_data_key, bucket, env.replicas)
         object_key = crypto.open_object_key(old, env.sealed_object_key, binding)
         new = await ctx.keys.data_key_for_write(target, bucket)

@@ -36,16 +36,16 @@ async def verify(
         try:
             env = await ctx.envelopes.read(opts.bucket, obj.key, resp.headers)
             if env is None:
-                legacy = ctx.policy().decide(
-                    opts.bucket, obj.key, resp.headers
-                ).encrypt  # an encrypted path: legacy, older or not
+                legacy = (
+                    ctx.policy().decide(opts.bucket, obj.key, resp.headers).encrypt
+                )  # an encrypted path: legacy, older or not
                 prog.by_key["(plaintext)"] += 1
                 prog.outcome("plaintext-legacy" if legacy else "plaintext-allowed")
                 return
             label = f"{env.kek_uri}#{env.kek_version}" if env.kek_version else env.kek_uri
             try:
                 object_key = await object_key_of(ctx, opts.bucket, obj.key, env)
-                async for chunk in decrypt_stream(resp, object_key, env.multipart):
+                async for chunk in decrypt_stream(resp, object_key, env):
                     prog.bytes += len(chunk)
             except CmekError as exc:
                 prog.by_key[f"{label} error:{type(exc).__name__}"] += 1
