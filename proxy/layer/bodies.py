@@ -34,6 +34,17 @@ def stored_extent(resp: aiohttp.ClientResponse) -> tuple[int, int]:
     return int(resp.headers.get("content-length", "0")), 0
 
 
+async def read_prefix(resp: aiohttp.ClientResponse, n: int) -> bytes:
+    """The first ``n`` bytes of a body, or all of a shorter one."""
+    data = b""
+    while len(data) < n:
+        more = await resp.content.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 async def iter_body(resp: aiohttp.ClientResponse, length: int) -> AsyncGenerator[bytes, None]:
     got = 0
     try:

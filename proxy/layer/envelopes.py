@@ -36,6 +36,7 @@ from typing import Final, Literal, Protocol
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, IntegrityError
+from proxy.layer.bodies import read_prefix
 from proxy.wire.xmldoc import parse_backend
 
 SIDECAR_PREFIX: Final = ".cmek-proxy/env/"
@@ -449,13 +450,7 @@ async def first_segment(backend: BackendClient, bucket: str, key: str, etag: str
     try:
         if resp.status not in (200, 206):
             return b""
-        data = await resp.content.read(crypto.STORED_SEGMENT_SIZE)
-        while len(data) < crypto.STORED_SEGMENT_SIZE:
-            more = await resp.content.read(crypto.STORED_SEGMENT_SIZE - len(data))
-            if not more:
-                break
-            data += more
-        return data
+        return await read_prefix(resp, crypto.STORED_SEGMENT_SIZE)
     finally:
         resp.close()
 

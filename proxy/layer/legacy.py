@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
 from proxy.errors import FormatError, S3Error
+from proxy.layer.bodies import read_prefix
 from proxy.layer.decision import KeyPolicy
 from proxy.layer.envelopes import EnvelopeStore
 from proxy.layer.ranges import http_time
@@ -81,13 +82,7 @@ class LegacyChecks:
                 )
             if resp.status not in (200, 206):
                 raise parse_error(resp.status, await resp.read())
-            first = b""
-            while len(first) < crypto.HEADER_SIZE:
-                chunk = await resp.content.read(crypto.HEADER_SIZE - len(first))
-                if not chunk:
-                    break
-                first += chunk
-            return first
+            return await read_prefix(resp, crypto.HEADER_SIZE)
         finally:
             resp.close()
 
