@@ -20,6 +20,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from proxy import crypto
 from proxy.layer.envelopes import sidecar_prefix
+from proxy.layer.uploads import STATE_PREFIX, UploadState
 from tests.test_jobs import run
 
 S = crypto.SEGMENT_SIZE
@@ -222,3 +223,43 @@ def test_v1_multipart_objects_still_read(proxy: Any, client: Any, direct: Any, b
     got = client.get_object(Bucket=bucket, Key="old", Range=f"bytes={PART - 3}-{PART + 3}")
     assert got["Body"].read() == data[PART - 3 : PART + 4]
     assert client.head_object(Bucket=bucket, Key="old")["ContentLength"] == len(data)
+
+
+def test_upload_created_by_a_v1_proxy_completes(
+    proxy: Any, client: Any, direct: Any, bucket: str
+) -> None:
+    """An upload a proxy of format v1 created (v1 envelope in its state and, with the
+    metadata store, in the backend upload) completes and reads after the upgrade."""
+    uri = proxy.config.encryption.default.key
+    dk = proxy.call(proxy.proxy.keys.data_key_for_write(uri, bucket))
+    sealed = crypto.seal_object_key(
+        dk.plaintext, crypto.new_object_key(), crypto.Binding(bucket, "up", multipart=True)
+    )
+    env = crypto.Envelope(
+        kek_uri=dk.kek_uri or uri,
+        kek_version=dk.key_version,
+        wrapped_data_key=dk.wrapped,
+        sealed_object_key=sealed,
+        multipart=True,
+    )
+    meta: dict[str, str] = {}
+    if proxy.config.backend.envelope_store == "metadata":
+        meta = {k.removeprefix("x-amz-meta-"): v for k, v in crypto.to_metadata(env).items()}
+    up = direct.create_multipart_upload(Bucket=bucket, Key="up", Metadata=meta)["UploadId"]
+    state = UploadState(bucket, "up", env)
+    direct.put_object(Bucket=bucket, Key=STATE_PREFIX + up, Body=state.to_json())
+    parts = [_data(PART, 11), _data(77, 12)]
+    etags = [
+        client.upload_part(Bucket=bucket, Key="up", UploadId=up, PartNumber=n, Body=p)["ETag"]
+        for n, p in enumerate(parts, 1)
+    ]
+    client.complete_multipart_upload(
+        Bucket=bucket,
+        Key="up",
+        UploadId=up,
+        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]},
+    )
+    data = b"".join(parts)
+    assert client.get_object(Bucket=bucket, Key="up")["Body"].read() == data
+    got = client.get_object(Bucket=bucket, Key="up", Range=f"bytes={PART - 2}-{PART + 2}")
+    assert got["Body"].read() == data[PART - 2 : PART + 3]
