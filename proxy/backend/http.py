@@ -77,6 +77,11 @@ class Body:
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all of the body if ``n`` < 0); b"" at its end."""
+        if n < 0 and self.eof and self.exc is None:  # all of it is here
+            parts = list(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         if n < 0:
             parts = []
             while chunk := await self.read(HIGH_WATER):
@@ -142,7 +147,7 @@ class Response:
         self._method = method
         self._timeout = read_timeout
         self._parser: httptools.HttpResponseParser | None = None
-        self._raw: list[tuple[str, str]] = []
+        self._raw: list[tuple[bytes, bytes]] = []
         self._waiter: asyncio.Future[None] | None = None
         self._informational = False
         self._data: bytes | None = None
@@ -192,9 +197,7 @@ class Response:
             await self._wait()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -204,7 +207,10 @@ class Response:
             self._informational = True
             return
         self.status = status
-        headers = CIMultiDict(self._raw)
+        se = "surrogateescape"  # as aiohttp decodes them
+        headers = CIMultiDict(
+            [(k.decode("utf-8", se), v.decode("utf-8", se)) for k, v in self._raw]
+        )
         self.headers = CIMultiDictProxy(headers)
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
