@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from proxy.backend.http import HIGH_WATER, PayloadError
 from proxy.config import Backend
 from proxy.errors import S3Error
 from proxy.layer.bodies import iter_body
+from tests.fakes.azure_kv import tls_material
 from tests.servers import BACKEND_AK, BACKEND_SK, REGION, Server, free_port
 
 
@@ -123,15 +126,16 @@ async def test_connection_reused_after_whole_bodies(rclone_backend: Server) -> N
 class Scripted:
     """An HTTP/1.1 server whose answers a test writes: counts its connections."""
 
-    def __init__(self, answer: Any) -> None:
+    def __init__(self, answer: Any, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.accepted = 0
         self.current = 0
         self.most = 0
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Scripted:
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0, ssl=self.tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -141,7 +145,8 @@ class Scripted:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
@@ -343,5 +348,30 @@ async def test_reused_connection_closed_unanswered_is_retried_once() -> None:
             await bc.call(
                 "PUT", "b", "k", body=_chunks(b"d" * 300_000, 1000), content_length=300_000
             )
+        assert err.value.code == "ServiceUnavailable"
+        await bc.session.close()
+
+
+async def test_tls_backend_with_the_configured_trust(tmp_path: Path) -> None:
+    tls = tls_material(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tls.cert_path, tls.key_path)
+
+    async def ok(head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+        return True
+
+    async with Scripted(ok, server_ctx) as srv:
+        bc = _raw_client(srv.url, ca_bundle=tls.ca_path)
+        for _ in range(3):
+            assert (await bc.call("GET", "b", "k"))[1] == b"secret"
+        assert srv.accepted == 1
+        await bc.session.close()
+        bc = _raw_client(srv.url, verify_tls=False)
+        assert (await bc.call("GET", "b", "k"))[1] == b"secret"
+        await bc.session.close()
+        bc = _raw_client(srv.url)  # the system's trust: this CA is not in it
+        with pytest.raises(S3Error) as err:
+            await bc.call("GET", "b", "k")
         assert err.value.code == "ServiceUnavailable"
         await bc.session.close()
