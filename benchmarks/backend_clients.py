@@ -7,10 +7,12 @@ process's CPU time (user+system) per request: median (min-max) over the rounds. 
 sends the same request bytes, signed per request by ``proxy.wire.sigv4.sign_headers`` exactly
 as ``proxy.backend.client`` does, and checks status and body length:
 
-* ``aiohttp`` - ``aiohttp.ClientSession`` as the proxy uses it today;
+* ``aiohttp`` - ``aiohttp.ClientSession`` as the proxy used it before ``proxy/backend/pool.py``;
 * ``httptools`` - an ``asyncio.Protocol`` per keep-alive connection parsing with httptools
   (llhttp, the parser of Node.js and of aiohttp's own C extension);
-* ``handparsed`` - the same protocol with a minimal Content-Length-only parser in Python.
+* ``handparsed`` - the same protocol with a minimal Content-Length-only parser in Python;
+* ``BackendClient`` - the proxy's own client (``BackendClient.call``: signing, pool, timeouts,
+  response object) - whichever ``proxy`` is imported, so two checkouts can be compared.
 
 It measures the layer's own cost, not a finished client: no pool limits, retries, timeouts
 or chunked responses in the two lean ones.
@@ -158,6 +160,26 @@ async def run_aiohttp(session: aiohttp.ClientSession, url: str, n: int) -> None:
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
+async def run_backend_client(url: str, n: int) -> None:
+    """``proxy.backend.client.BackendClient`` itself: signing, pool, response object."""
+    from proxy.backend.client import BackendClient
+    from proxy.config import Backend
+
+    cfg = Backend(endpoint=url, region=REGION, access_key=BACKEND_AK, secret_key=BACKEND_SK)
+    bc = BackendClient(cfg, BackendClient.make_session(cfg))
+
+    async def worker() -> None:
+        for _ in range(n // CONCURRENCY):
+            _, body = await bc.call("GET", "clients", "obj")
+            if len(body) != SIZE:
+                raise RuntimeError(f"BackendClient: {len(body)} B")
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    finally:
+        await bc.session.close()
+
+
 async def main_async(n: int, rounds: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory(prefix="cmek-bench-clients-") as tmp:
         async with rclone_dir_backend(Path(tmp)) as backend:
@@ -196,6 +218,7 @@ async def main_async(n: int, rounds: int) -> dict[str, list[float]]:
                     "aiohttp": lambda: run_aiohttp(session, url, n),
                     "httptools": lambda: run_lean(HttptoolsConn, url, n),
                     "handparsed": lambda: run_lean(HandConn, url, n),
+                    "BackendClient": lambda: run_backend_client(backend.url, n),
                 }
                 out: dict[str, list[float]] = {k: [] for k in clients}
                 for rnd in range(rounds + 1):
@@ -225,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     what = f"median (min-max) of {a.rounds} rounds, {a.requests} requests, c={CONCURRENCY}"
     print(f"client CPU per 4 KiB GET, us ({what})")
     for name, vals in res.items():
-        print(f"  {name:11s} {statistics.median(vals):7.1f} ({min(vals):.1f}-{max(vals):.1f})")
+        print(f"  {name:13s} {statistics.median(vals):7.1f} ({min(vals):.1f}-{max(vals):.1f})")
     return 0
 
 

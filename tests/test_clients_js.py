@@ -28,12 +28,15 @@ FILES = ("package.json", "package-lock.json", "roundtrip.mjs")
 
 
 @pytest.fixture(scope="session")
-def js_dir(request: pytest.FixtureRequest) -> Path:
+def js_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node and npm are needed for the AWS JS SDK test")
     lock = (JS_DIR / "package-lock.json").read_bytes()
-    target = Path(request.config.cache.mkdir("js-client-" + hashlib.sha256(lock).hexdigest()[:12]))
+    name = "js-client-" + hashlib.sha256(lock).hexdigest()[:12]
+    # pytest's cache keeps node_modules between runs; with -p no:cacheprovider there is none.
+    cache = getattr(request.config, "cache", None)
+    target = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     for name in FILES:
         shutil.copyfile(JS_DIR / name, target / name)
     if not (target / "node_modules" / "@aws-sdk" / "client-s3" / "package.json").exists():

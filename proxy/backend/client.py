@@ -3,7 +3,10 @@
 It signs every request with ``proxy.wire.sigv4`` (the same canonicalisation the
 front end verifies with), never buffers bodies (request bodies are async
 iterables with a known Content-Length; response bodies are read by the caller),
-and maps transport failures to ``BackendUnavailable``.  It knows nothing of
+and maps transport failures to ``BackendUnavailable``.  Its HTTP is its own:
+connections in ``proxy.backend.pool`` (``asyncio.Protocol``), responses in
+``proxy.backend.http`` (httptools); a failure reading a body raises an ``HttpError``
+(or ``TimeoutError``).  It knows nothing of
 encryption.  Each request is timed until its response headers: by S3 operation in
 ``cmek_backend_request_duration_seconds`` and in the current request's backend time
 (``proxy.reqctx``) that the access log reports.
@@ -17,10 +20,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote
 
-import aiohttp
 from yarl import URL
 
 from proxy import reqctx
+from proxy.backend.http import HttpError, Response, build_head
+from proxy.backend.pool import Pool
 from proxy.config import Backend as BackendConfig
 from proxy.errors import FormatError, S3Error
 from proxy.metrics import Metrics
@@ -36,9 +40,8 @@ Body = bytes | AsyncIterable[bytes] | None
 COALESCE_BYTES = 256 * 1024
 """A streamed body of at most this many bytes is gathered and sent as one bytes payload.
 
-aiohttp then writes the request line, headers and body in one socket write, without the
-body-writer task and the async-iterable payload machinery (measured in benchmarks/README.md:
-proxy CPU per 4 KiB PUT).  Memory stays bounded by this size; an error raised by the body's
+The request line, headers and body then go out in one socket write, without a write per
+chunk of the stream.  Memory stays bounded by this size; an error raised by the body's
 iterator surfaces before anything is sent.
 """
 
@@ -118,8 +121,8 @@ async def _gather(body: AsyncIterable[bytes], length: int) -> bytes:
 async def _exact(body: AsyncIterable[bytes], length: int) -> AsyncIterator[bytes]:
     """A large streamed body, checked to be exactly ``length`` bytes.
 
-    aiohttp would clip a longer body and send a shorter one as if whole: here the excess is
-    never sent and a short end raises, so aiohttp aborts the request and nothing is stored.
+    The excess of a longer body is never sent and a short end raises, so the request is
+    aborted (its connection closed mid-body) and nothing is stored.
     """
     got = 0
     async for chunk in body:
@@ -137,7 +140,7 @@ class BackendClient:
     def __init__(
         self,
         cfg: BackendConfig,
-        session: aiohttp.ClientSession,
+        session: Pool,
         metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
@@ -146,33 +149,37 @@ class BackendClient:
         self._creds = Credentials(cfg.access_key, cfg.secret_key)
         self._base = URL(cfg.endpoint)
         self._key_cache = SigningKeyCache(16)
+        base = self._base
+        self._scheme = base.scheme
+        self._port = base.port or (443 if base.scheme == "https" else 80)
+        self._netport = f":{base.port}" if base.port and not base.is_default_port() else ""
 
     @staticmethod
-    def make_session(cfg: BackendConfig) -> aiohttp.ClientSession:
-        ssl_ctx: ssl.SSLContext | bool
-        if not cfg.verify_tls:
-            ssl_ctx = False
-        elif cfg.ca_bundle is not None:
-            ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_bundle))
-        else:
-            ssl_ctx = True
-        connector = aiohttp.TCPConnector(
-            limit=cfg.max_connections, ssl=ssl_ctx, enable_cleanup_closed=True
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+    def make_session(cfg: BackendConfig) -> Pool:
+        """The connection pool for ``cfg``'s endpoint (closed with ``await pool.close()``)."""
+        ssl_ctx: ssl.SSLContext | None = None
+        if URL(cfg.endpoint).scheme == "https":
+            if not cfg.verify_tls:
+                ssl_ctx = ssl.create_default_context()
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+            elif cfg.ca_bundle is not None:
+                ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_bundle))
+            else:
+                ssl_ctx = ssl.create_default_context()
+        return Pool(
+            cfg.max_connections,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            ssl_context=ssl_ctx,
         )
 
-    def url_for(self, bucket: str | None, key: str | None, query: Sequence[tuple[str, str]]) -> str:
-        base = self._base
-        path = base.raw_path.rstrip("/")
-        host = base.raw_host or ""
+    def target_for(
+        self, bucket: str | None, key: str | None, query: Sequence[tuple[str, str]]
+    ) -> tuple[str, str]:
+        """(host, request target: path and query) of a request."""
+        path = self._base.raw_path.rstrip("/")
+        host = self._base.raw_host or ""
         if bucket and self.cfg.addressing == "virtual":
             host = f"{bucket}.{host}"
             path += "/" + (aws_quote(key, safe="/~") if key else "")
@@ -182,9 +189,12 @@ class BackendClient:
                 path += "/" + aws_quote(key, safe="/~")
         else:
             path += "/"
-        port = f":{base.port}" if base.port and not base.is_default_port() else ""
         q = encode_query(sorted(query)) if query else ""
-        return f"{base.scheme}://{host}{port}{path}" + (f"?{q}" if q else "")
+        return host, path + (f"?{q}" if q else "")
+
+    def url_for(self, bucket: str | None, key: str | None, query: Sequence[tuple[str, str]]) -> str:
+        host, target = self.target_for(bucket, key, query)
+        return f"{self._scheme}://{host}{self._netport}{target}"
 
     async def request(
         self,
@@ -197,9 +207,10 @@ class BackendClient:
         body: Body = None,
         content_length: int | None = None,
         payload_hash: str | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send one signed request. The caller reads and releases the response."""
-        url = self.url_for(bucket, key, query)
+        host, target = self.target_for(bucket, key, query)
+        url = f"{self._scheme}://{host}{self._netport}{target}"
         hdrs = {k.lower(): v for k, v in (headers or {}).items()}
         if body is None:
             payload = payload_hash or EMPTY_SHA256
@@ -234,11 +245,11 @@ class BackendClient:
         status = "unreachable"
         try:
             resp = await self.session.request(
-                method, URL(url, encoded=True), headers=hdrs, data=body, allow_redirects=False
+                (self._scheme, host, self._port), method, build_head(method, target, hdrs), body
             )
             status = str(resp.status)
             return resp
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except (HttpError, TimeoutError) as exc:
             raise BackendUnavailable(f"backend unreachable: {type(exc).__name__}") from exc
         finally:
             took = time.perf_counter() - started
@@ -264,7 +275,7 @@ class BackendClient:
         body: Body = None,
         content_length: int | None = None,
         ok: Sequence[int] = (200, 204),
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+    ) -> tuple[Response, bytes]:
         """A request whose (small) response body is read whole; errors raised as S3Error."""
         resp = await self.request(
             method,
@@ -277,7 +288,7 @@ class BackendClient:
         )
         try:
             data = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (HttpError, TimeoutError) as exc:
             raise BackendUnavailable(f"backend read failed: {type(exc).__name__}") from exc
         finally:
             resp.release()

@@ -14,11 +14,11 @@ import logging
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import crypto
 from proxy.backend.client import BackendClient, parse_error
+from proxy.backend.http import Response
 from proxy.errors import FormatError, IntegrityError, KeyUnavailableError
 from proxy.kms.keys import KeyService
 from proxy.layer.bodies import READ_CHUNK, is_partial, iter_body, slice_body, stored_extent
@@ -240,7 +240,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         self,
         bucket: str,
         key: str,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         rng: ClientRange | None,
         headers: CIMultiDict[str],
         query: tuple[tuple[str, str], ...],
@@ -274,7 +274,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         self,
         bucket: str,
         key: str,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         env: crypto.Envelope,
         rng: ClientRange | None,
         headers: CIMultiDict[str],
@@ -324,7 +324,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
 
     async def _decrypt_body(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         decryptor: crypto.StreamDecryptor,
         plan: crypto.SegmentRange,
         discard: int,

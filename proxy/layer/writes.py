@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-import aiohttp
-
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.backend.http import HttpError
 from proxy.errors import S3Error
 from proxy.kms.keys import KeyService
 from proxy.layer.checksum_store import StoredChecksum, seal_checksum
@@ -289,7 +288,7 @@ class ObjectWrites:
                 body=guarded(),
                 content_length=length,
             )
-        except (BackendUnavailable, aiohttp.ClientError) as exc:
+        except (BackendUnavailable, HttpError) as exc:
             if failure.error is not None:
                 raise failure.error from None
             if isinstance(exc, BackendUnavailable):

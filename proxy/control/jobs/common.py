@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-import aiohttp
-
 from proxy import crypto
 from proxy.backend.client import BackendClient, BackendUnavailable, parse_error
+from proxy.backend.http import HttpError, Response
 from proxy.control.audit import AuditLog
 from proxy.control.jobs.progress import Bar, human_bytes
 from proxy.control.policy import Policy
@@ -205,12 +204,12 @@ async def list_objects(
             return
 
 
-async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def iter_body(resp: Response) -> AsyncIterator[bytes]:
     """A backend response body in chunks of at most ``CHUNK`` bytes."""
     try:
         async for chunk in resp.content.iter_chunked(CHUNK):
             yield chunk
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (HttpError, TimeoutError) as exc:
         raise BackendUnavailable(f"backend read failed: {type(exc).__name__}") from exc
 
 
@@ -220,7 +219,7 @@ async def object_key_of(ctx: JobContext, bucket: str, key: str, env: Envelope) -
 
 
 async def decrypt_stream(
-    resp: aiohttp.ClientResponse, object_key: bytes, env: Envelope
+    resp: Response, object_key: bytes, env: Envelope
 ) -> AsyncIterator[bytes]:
     """Authenticate and decrypt a whole stored body as it arrives."""
     if env.pending:
@@ -246,7 +245,7 @@ async def decrypt_stream(
 
 async def get_ok(
     backend: BackendClient, bucket: str, key: str, headers: dict[str, str] | None = None
-) -> aiohttp.ClientResponse:
+) -> Response:
     """A streaming GET that raised unless it answered 200 (the caller releases it)."""
     resp = await backend.request("GET", bucket, key, headers=headers)
     if resp.status != 200:

@@ -30,10 +30,9 @@ import hashlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
-import aiohttp
-
 from proxy import crypto
 from proxy.backend.client import parse_error
+from proxy.backend.http import Response
 from proxy.control.jobs.common import (
     MAX_SINGLE_PUT,
     TMP_PREFIX,
@@ -213,7 +212,7 @@ async def encrypt_existing(
             "content-md5": base64.b64encode(bytes.fromhex(md5)).decode(),
         }
 
-        async def replace(if_match: str) -> tuple[aiohttp.ClientResponse, bytes]:
+        async def replace(if_match: str) -> tuple[Response, bytes]:
             checked = await get_ok(ctx.backend, bucket, tmp)
             try:
                 resp = await ctx.backend.request(
