@@ -36,8 +36,18 @@ def test_overwrite_keeps_only_the_current_envelope(client: Any, direct: Any, buc
 
 def test_racing_writers_leave_the_current_object_readable(client: Any, bucket: str) -> None:
     bodies = [hashlib.sha256(b"%d" % i).digest() * (100 + i) for i in range(8)]
+
+    def put(body: bytes) -> bool:
+        try:
+            client.put_object(Bucket=bucket, Key="race", Body=body)
+        except ClientError as exc:  # rclone answers some racing writes with 500/503
+            assert exc.response["ResponseMetadata"]["HTTPStatusCode"] >= 500
+            return False
+        return True
+
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda b: client.put_object(Bucket=bucket, Key="race", Body=b), bodies))
+        acknowledged = list(pool.map(put, bodies))
+    assert any(acknowledged)
     assert client.get_object(Bucket=bucket, Key="race")["Body"].read() in bodies
 
 
