@@ -341,3 +341,36 @@ def test_random_pages_as_the_tree_rewrite(
     body = "".join(e.replace("<Key>", f"<Key>{prefix[2:]}", 1) for e in entries)
     query: Query = (("list-type", "2"),) + ((("encoding-type", "url"),) if url else ())
     _same([_page(body)], query=query, policy=policy)
+
+
+_SPEC_SETS = [
+    {},
+    {"b": EncryptionRule(key="local:///other")},
+    {"b": EncryptionRule(passthrough=True)},
+    {"b/tmp": EncryptionRule(passthrough=True)},
+    {"b/": EncryptionRule(key="local:///other")},
+    {"bb": EncryptionRule(passthrough=True), "c/b": EncryptionRule(passthrough=True)},
+    {"b": EncryptionRule(key="local:///x"), "b/p": EncryptionRule(key="local:///y")},
+]
+
+
+@pytest.mark.parametrize("specs", _SPEC_SETS, ids=range(len(_SPEC_SETS)))
+@pytest.mark.parametrize("refused", [False, True])
+@pytest.mark.parametrize("globs", [[], ["*/tmp/*"]])
+@pytest.mark.parametrize("default", ["refuse", "passthrough", "key"])
+def test_bucket_decision_is_every_keys_decision(
+    specs: dict[str, EncryptionRule], refused: bool, globs: list[str], default: str
+) -> None:
+    rule: Any = EncryptionRule(key="local:///k") if default == "key" else default
+    enc = Encryption(default=rule, unencrypted_paths=globs)
+    policy = Policy(enc, specs, refused={n: "no" for n in specs} if refused else None,
+                    activations={("b", "default"): 100.0, ("b", "b"): 200.0})
+    every = policy.bucket_decision("b")
+    if every is None:
+        return
+    for key in ["", "a", "tmp/x", "p/x", "b/p", ".cmek-proxy/x", "x/tmp/y"]:
+        assert policy.decide("b", key) == every
+        for modified in (None, 50.0, 150.0, 250.0):
+            since = every.encrypted_since
+            later = modified is None or since is None or modified >= since
+            assert policy.may_be_encrypted("b", key, modified) == (every.encrypt and later)

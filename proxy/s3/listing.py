@@ -38,7 +38,7 @@ from proxy import crypto
 from proxy.errors import FormatError, S3Error
 from proxy.layer.decision import KeyPolicy
 from proxy.layer.objects import client_etag
-from proxy.s3.listing_page import PageText, unescape
+from proxy.s3.listing_page import ETAG, FIELDS, KEY, LAST_MODIFIED, PREFIX, SIZE, PageText, unescape
 from proxy.wire.names import is_reserved_name
 from proxy.wire.reserved import RESERVED_PREFIX
 
@@ -110,13 +110,8 @@ def _iso_time(value: str | None) -> float | None:
 
 
 _RESERVED_WORD: Final = RESERVED_PREFIX.strip("./").casefold()
-
-
-def _reserved(name: str) -> bool:
-    """``is_reserved_name``, for a listing's many keys: a key that does not hold the
-    reserved segment in any letter case cannot name it (case folding maps each character
-    on its own, so the folded key holds the folded segment of every reserved spelling)."""
-    return _RESERVED_WORD in name.casefold() and is_reserved_name(name)
+"""In every key ``is_reserved_name`` is true for, case-folded (folding maps each character on
+its own, so the folded key holds the folded segment of every reserved spelling)."""
 
 
 class Page(PageText):
@@ -127,22 +122,28 @@ class Page(PageText):
         self.names: list[str] = []
         kept = []
         last_name = ""
-        real = self.protect.real
-        text = self.text
+        body, protected = self.body, self.protect.found
         for entry in self.entries:
-            raw = text(entry[3], "Prefix" if entry[0] == "CommonPrefixes" else "Key") or ""
-            name = real(unquote(raw) if url_encoded else raw)
+            start, end = entry[3][PREFIX if entry[0] == "CommonPrefixes" else KEY]
+            name = body[start:end] if start != end else ""
+            if "&" in name:
+                name = unescape(name)
+            if url_encoded and "%" in name:
+                name = unquote(name)
+            if protected:
+                name = self.protect.real(name)
             if name > last_name:
                 last_name = name
-            if not _reserved(name):
-                kept.append(entry)
-                self.names.append(name)
+            if _RESERVED_WORD in name.casefold() and is_reserved_name(name):
+                continue  # a key that does not hold the segment in any case cannot name it
+            kept.append(entry)
+            self.names.append(name)
         self.entries = kept
         self.truncated = (self.field("IsTruncated") or "").strip().lower() == "true"
         self.ended_in_reserved = self.truncated and last_name.startswith(RESERVED_PREFIX)
 
     def entry_text(self, index: int, name: str) -> str | None:
-        return self.text(self.entries[index][3], name)
+        return self.text(self.entries[index][3], FIELDS.index(name))
 
     def client_entries(self, bucket: str, policy: KeyPolicy) -> list[str]:
         """Each kept entry as the client sees it: plaintext size, client ETag."""
@@ -150,24 +151,34 @@ class Page(PageText):
         out: list[str] = []
         keep = out.append
         times: dict[str, float | None] = {}
+        every = policy.bucket_decision(bucket)  # None: each key asks the policy
+        if every is not None and not every.encrypt:
+            return [body[start:end] for _, start, end, _ in self.entries]
+        since = None if every is None else every.encrypted_since
         for (tag, start, end, spans), key in zip(self.entries, self.names, strict=True):
-            s0, s1 = spans.span("Size")
+            s0, s1 = spans[SIZE]
             if s0 == s1 or (tag != "Contents" and tag != "Version"):
                 keep(body[start:end])
                 continue
-            t0, t1 = spans.span("LastModified")
-            stamp = body[t0:t1] if t0 != t1 else ""
-            if stamp not in times:
-                times[stamp] = _iso_time(unescape(stamp))
-            if not policy.may_be_encrypted(bucket, key, times[stamp]):
-                keep(body[start:end])
-                continue
+            if every is None or since is not None:
+                t0, t1 = spans[LAST_MODIFIED]
+                stamp = body[t0:t1] if t0 != t1 else ""
+                if stamp not in times:
+                    times[stamp] = _iso_time(unescape(stamp))
+                modified = times[stamp]
+                if every is None:
+                    encrypted = policy.may_be_encrypted(bucket, key, modified)
+                else:  # may_be_encrypted's own arithmetic on the bucket's decision
+                    encrypted = modified is None or since is None or modified >= since
+                if not encrypted:
+                    keep(body[start:end])
+                    continue
             try:
                 size = str(crypto.plaintext_size(int(unescape(body[s0:s1]))))
             except (FormatError, ValueError):
                 keep(body[start:end])  # cannot be a v1 object: stored as sent
                 continue
-            e0, e1 = spans.span("ETag")
+            e0, e1 = spans[ETAG]
             if e0 == e1:
                 keep(body[start:s0] + size + body[s1:end])
                 continue

@@ -22,7 +22,8 @@ from __future__ import annotations
 import pyexpat
 import re
 import secrets
-from typing import Final, Protocol
+from operator import itemgetter
+from typing import Final
 from xml.etree import ElementTree
 
 from proxy.errors import FormatError
@@ -53,17 +54,16 @@ _CONTROLS: Final = bytes(b for b in range(32) if b not in (9, 10))
 
 
 
-class Spans(dict[str, tuple[int, int]]):
-    """Direct children of an entry by name (the first of each): where their text is."""
-
-    def span(self, name: str) -> tuple[int, int]:
-        return self.get(name, (-1, -1))
-
-
-class HasSpans(Protocol):
-    """``Spans``, or the match of an entry in the order backends write (the same names)."""
-
-    def span(self, name: str, /) -> tuple[int, int]: ...
+Span = tuple[int, int]
+Spans = tuple[Span, ...]
+"""Where the text of an entry's direct children is (the first of each name): one span per
+name of ``FIELDS``, ``NO_SPAN`` for a child the entry does not have."""
+FIELDS: Final = ("Key", "VersionId", "LastModified", "ETag", "Size", "Prefix", "UploadId")
+KEY, VERSION_ID, LAST_MODIFIED, ETAG, SIZE, PREFIX, UPLOAD_ID = range(len(FIELDS))
+NO_SPAN: Final = (-1, -1)
+_FAST_SPANS = itemgetter(*(_CHILD.groupindex[n] for n in FIELDS[:5]))
+"""A backend-order entry's match: the spans of its groups for the first ``FIELDS``."""
+_REST: Final = (NO_SPAN,) * (len(FIELDS) - 5)
 
 
 def unescape(raw: str) -> str:
@@ -180,7 +180,7 @@ class PageText:
     root_name: str
     root_open: str
     fields: list[list[str | None]]
-    entries: list[tuple[str, int, int, HasSpans]]
+    entries: list[tuple[str, int, int, Spans]]
 
     def __init__(self, data: bytes) -> None:
         text = data.decode("utf-8", "replace")
@@ -208,8 +208,11 @@ class PageText:
             pieces.append(source)
             inner, close = source.index(">") + 1, source.rfind("</")
             if child.tag in ENTRY_TAGS:
-                found = self._spans(source, inner, close) if close > 0 else None
-                spans = Spans((k, (a + start, b + start)) for k, (a, b) in (found or {}).items())
+                found = (self._spans(source, inner, close) if close > 0 else None) or {}
+                spans = tuple(
+                    (found[n][0] + start, found[n][1] + start) if n in found else NO_SPAN
+                    for n in FIELDS
+                )
                 self.entries.append((child.tag, start, pos, spans))
                 continue
             raw = source[inner:close] if close > 0 else ""
@@ -233,17 +236,18 @@ class PageText:
             pos = m.end()
             tag = m.group("tag")
             if tag is not None:  # an entry as backends write it: its spans are known
-                self.entries.append((tag, m.start("tag") - 1, pos, m))
+                self.entries.append((tag, m.start("tag") - 1, pos, _FAST_SPANS(m.regs) + _REST))
                 continue
             name = m.group("name")
             if m.group("attrs") and self.plain:
                 return False
             inner = m.group("inner")
             if name in ENTRY_TAGS:
-                found = self._spans(text, m.start("inner"), m.end("inner")) if inner else Spans()
+                found = self._spans(text, m.start("inner"), m.end("inner")) if inner else {}
                 if found is None:
                     return False
-                self.entries.append((name, m.start("name") - 1, pos, found))
+                spans = tuple(found.get(n, NO_SPAN) for n in FIELDS)
+                self.entries.append((name, m.start("name") - 1, pos, spans))
                 continue
             if inner and "<" in inner:
                 inner = inner[: inner.index("<")]
@@ -257,10 +261,10 @@ class PageText:
                 return None if f[2] is None else unescape(f[2])
         return None
 
-    def _spans(self, body: str, pos: int, close: int) -> Spans | None:
+    def _spans(self, body: str, pos: int, close: int) -> dict[str, Span] | None:
         """Where the text of an entry's direct children is (the entry's content: ``pos`` to
         ``close`` in ``body``); None for a tag with attributes in a page read as plain."""
-        out = Spans()
+        out: dict[str, Span] = {}
         while True:  # the leaf children every backend writes: one expression each
             m = _LEAF.match(body, pos, close)
             if m is None:
@@ -274,7 +278,9 @@ class PageText:
             return self._nested(body, pos, close, out)
         return out
 
-    def _nested(self, body: str, pos: int, close: int, out: Spans) -> Spans | None:
+    def _nested(
+        self, body: str, pos: int, close: int, out: dict[str, Span]
+    ) -> dict[str, Span] | None:
         """The rest of an entry from its first child with children of its own, by depth."""
         depth = text_at = text_end = found = 0
         for m in _TAG.finditer(body, pos, close):
@@ -298,7 +304,7 @@ class PageText:
             raise FormatError("backend sent a listing the proxy cannot read")
         return out
 
-    def text(self, spans: HasSpans, name: str) -> str | None:
+    def text(self, spans: Spans, field: int) -> str | None:
         """An entry child's text (None: no such child, or empty), as ElementTree has it."""
-        start, end = spans.span(name)
+        start, end = spans[field]
         return None if start == end else unescape(self.body[start:end])
