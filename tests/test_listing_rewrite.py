@@ -202,6 +202,13 @@ ODD_PAGES = {
         "<s3:Contents><s3:Key>a</s3:Key><s3:Size>4128</s3:Size></s3:Contents>"
         "<s3:Contents><s3:Key>.cmek-proxy/x</s3:Key></s3:Contents></s3:ListBucketResult>"
     ).encode(),
+    "attribute-after-size": _page(
+        _contents("a", etag="e", extra="")
+        .replace("<StorageClass>", '<Owner id="&quot;x&#10;&amp;">o</Owner><StorageClass>')
+    ),
+    "attribute-quotes-in-tree": _page(
+        "<!-- c -->" + _contents("a").replace("<Size>", '<Owner id="&quot;&#10;">o</Owner><Size>')
+    ),
     "other-namespace": _page(_contents("a"), ns=' xmlns="urn:other"'),
     "key-in-owner": _page(
         "<Contents><Owner><Key>.cmek-proxy/x</Key></Owner><Key>a</Key><Size>4128</Size>"

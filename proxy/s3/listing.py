@@ -299,10 +299,11 @@ async def list_bucket(
         fields.set("ContinuationToken", client_token)
     if fields.get("KeyCount") is not None:
         fields.set("KeyCount", str(sum(len(p.entries) for p in pages)))
-    parts = [*fields.sources()]
+    parts = [page.root_open, _as_written("".join(fields.sources()), page.plain)]
     for p in pages:
-        parts += p.client_entries(bucket, policy)
-    out = page.root_open + _as_written("".join(parts)) + f"</{page.root_name}>"
+        parts.append(_as_written("".join(p.client_entries(bucket, policy)), p.plain))
+    parts.append(f"</{page.root_name}>")
+    out = "".join(parts)
     for p in pages:
         out = p.protect.restore(out)
     return ('<?xml version="1.0" encoding="UTF-8"?>\n' + out).encode()
@@ -318,11 +319,12 @@ def _resolve(m: re.Match[str]) -> str:
     return _MARKUP.get(char, char)
 
 
-def _as_written(text: str) -> str:
+def _as_written(text: str, plain: bool) -> str:
     """Element content as ElementTree writes it: the references a backend used for
     characters XML holds (quotes, LF, ...) as the characters (those it cannot hold are
-    protected markers here, written as references later)."""
-    if "&" not in text:
+    protected markers here, written as references later). Only for a page read as plain,
+    where no tag has attributes; others are ElementTree's writing already."""
+    if not plain or "&" not in text:
         return text
     text = text.replace("&quot;", '"').replace("&apos;", "'")
     return _REF.sub(_resolve, text) if "&#" in text else text

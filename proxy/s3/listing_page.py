@@ -37,13 +37,13 @@ _CHILD: Final = re.compile(
     r"(?:\s*<VersionId>(?P<VersionId>[^<]*)</VersionId>\s*<IsLatest>[^<]*</IsLatest>)?"
     r"\s*<LastModified>(?P<LastModified>[^<]*)</LastModified>\s*<ETag>(?P<ETag>[^<]*)</ETag>"
     r"(?:\s*<(?P<sum>Checksum[A-Za-z0-9]*)>[^<]*</(?P=sum)>)*\s*<Size>(?P<Size>[^<]*)</Size>"
-    r"[^<]*(?:<(?!/(?P=tag)>)[^<]*)*</(?P=tag)>"
+    rf"[^<]*(?:<(?!/(?P=tag)>)/?{_NAME} ?/?>[^<]*)*</(?P=tag)>"
     rf"|\s*<(?P<name>{_NAME})(?P<attrs>\s+[^\s>/][^>]*?)?\s*"
     r"(?:/>|>(?P<inner>[^<]*(?:<(?!/(?P=name)>)[^<]*)*)</(?P=name)>)"
 )
-"""One child of the root, whole: an entry in the order every backend writes it, with the
-spans of its direct children the rewrite needs; or any element, self-closed or up to its
-end tag."""
+"""One child of the root, whole: an entry in the order every backend writes it (no tag in
+it with attributes), with the spans of its direct children the rewrite needs; or any
+element, self-closed or up to its end tag."""
 _TAG: Final = re.compile(rf"<(/?)({_NAME})(\s+[^\s>/][^>]*?)?\s*(/?)>")
 _LEAF: Final = re.compile(rf"\s*<({_NAME})>([^<]*)</\1>|\s*<({_NAME}) ?/>")
 _REF: Final = re.compile(r"&#(?:x[0-9a-fA-F]+|[0-9]+);")
