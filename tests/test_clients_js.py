@@ -3,7 +3,8 @@
 The SDK's default checksums: a buffer body carries ``x-amz-checksum-crc32`` as a header, a
 stream body is sent aws-chunked with the CRC32 in a trailer (even over plain http).
 ``npm ci`` installs the locked SDK (tests/js/package-lock.json) once into pytest's cache
-directory; without node/npm or without a reachable npm registry the test is skipped.
+directory (a session temp directory under ``-p no:cacheprovider``); without node/npm or
+without a reachable npm registry the test is skipped.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ FILES = ("package.json", "package-lock.json", "roundtrip.mjs")
 
 
 @pytest.fixture(scope="session")
-def js_dir(request: pytest.FixtureRequest) -> Path:
+def js_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node and npm are needed for the AWS JS SDK test")
     lock = (JS_DIR / "package-lock.json").read_bytes()
-    target = Path(request.config.cache.mkdir("js-client-" + hashlib.sha256(lock).hexdigest()[:12]))
+    name = "js-client-" + hashlib.sha256(lock).hexdigest()[:12]
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    target = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     for name in FILES:
         shutil.copyfile(JS_DIR / name, target / name)
     if not (target / "node_modules" / "@aws-sdk" / "client-s3" / "package.json").exists():
