@@ -125,6 +125,17 @@ class Policy:
                 return self._from_rule(rule, "bucket-spec", self._activations.get((bucket, name)))
         return self._default(bucket)
 
+    def bucket_decision(self, bucket: str) -> Decision | None:
+        if self._globs or "/" in bucket:
+            return None
+        applying = [(n, r) for n, r in self._specs if n == bucket or n.startswith(bucket + "/")]
+        if not applying:
+            return self._default(bucket)
+        name, rule = applying[0]
+        if len(applying) > 1 or name != bucket or name in self._refused:
+            return None
+        return self._from_rule(rule, "bucket-spec", self._activations.get((bucket, name)))
+
     def _refused_spec(self, bucket: str, key: str) -> bool:
         path = f"{bucket}/{key}"
         for name, _ in self._specs:

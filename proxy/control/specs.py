@@ -148,6 +148,9 @@ class NotLoadedPolicy:
     ) -> bool:
         raise self._unavailable()
 
+    def bucket_decision(self, bucket: str) -> Decision | None:
+        return None  # every key's own question answers 503
+
 
 class ConcurrentChange(S3Error):
     """The spec changed in the store since this replica read it."""

@@ -50,3 +50,9 @@ class KeyPolicy(Protocol):
     ) -> bool:
         """Whether an object at this path is expected to be stored encrypted."""
         ...
+
+    def bucket_decision(self, bucket: str) -> Decision | None:
+        """The decision ``decide`` gives every key of ``bucket`` without headers, when all
+        keys there get the same one (no prefix spec, unencrypted path or refused spec can
+        apply); None otherwise. Listings use it to ask once per page, not once per key."""
+        ...

@@ -27,20 +27,20 @@ import base64
 import hashlib
 import hmac
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Final
 from urllib.parse import unquote
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
 from proxy import crypto
 from proxy.errors import FormatError, S3Error
 from proxy.layer.decision import KeyPolicy
 from proxy.layer.objects import client_etag
+from proxy.s3.listing_page import ETAG, FIELDS, KEY, LAST_MODIFIED, PREFIX, SIZE, PageText, unescape
 from proxy.wire.names import is_reserved_name
 from proxy.wire.reserved import RESERVED_PREFIX
-from proxy.wire.xmldoc import NEEDS_CARE, XML_CHAR, local
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 ElementTree.register_namespace("", S3_NS)
@@ -48,7 +48,6 @@ ElementTree.register_namespace("", S3_NS)
 RESERVED_END: Final = RESERVED_PREFIX + "\x7f"
 """After every key the proxy writes under the reserved prefix (they are all printable
 ASCII): a listing that starts after it has left the reserved range."""
-ENTRY_TAGS: Final = ("Contents", "Version", "DeleteMarker", "Upload", "CommonPrefixes")
 NEXT_TAGS: Final = (
     "IsTruncated",
     "NextMarker",
@@ -110,98 +109,87 @@ def _iso_time(value: str | None) -> float | None:
         return None
 
 
-class _Protected:
-    """Characters XML 1.0 cannot hold, swapped for markers around the parse and back."""
-
-    def __init__(self, text: str) -> None:
-        self.mark = "cmekc" + secrets.token_hex(8)
-        while self.mark in text:
-            self.mark = "cmekc" + secrets.token_hex(8)
-        self.found = False
-
-    def hide(self, text: str) -> str:
-        def sub(m: re.Match[str]) -> str:
-            s = m.group(0)
-            if s.startswith("&#"):
-                code = int(s[3:-1], 16) if s[2] == "x" else int(s[2:-1])
-                if code != 0x0D and code <= 0x10FFFF and XML_CHAR.fullmatch(chr(code)):
-                    return s  # an ordinary reference: the parser reads it right
-            else:
-                code = ord(s)
-            self.found = True
-            return f"{self.mark}{code:x}."
-
-        return NEEDS_CARE.sub(sub, text)
-
-    def restore(self, text: str) -> str:
-        if not self.found:
-            return text
-        return re.sub(re.escape(self.mark) + "([0-9a-f]+)[.]", lambda m: f"&#x{m.group(1)};", text)
-
-    def real(self, text: str) -> str:
-        """The key a protected text stands for (for the reserved-name check)."""
-        if not self.found:
-            return text
-        return re.sub(
-            re.escape(self.mark) + "([0-9a-f]+)[.]",
-            lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)),
-            text,
-        )
+_RESERVED_WORD: Final = RESERVED_PREFIX.strip("./").casefold()
+"""In every key ``is_reserved_name`` is true for, case-folded (folding maps each character on
+its own, so the folded key holds the folded segment of every reserved spelling)."""
 
 
-def parse_listing(data: bytes) -> tuple[ElementTree.Element, _Protected]:
-    text = data.decode("utf-8", "replace")
-    protect = _Protected(text)
-    hidden = protect.hide(text)
-    hidden = re.sub(r"^<\?xml[^>]*\?>", "", hidden.lstrip())
-    if "<!DOCTYPE" in hidden[:1024].upper():
-        raise FormatError("backend listing carries a DTD")  # nothing of it is ever resolved
-    try:
-        return ElementTree.fromstring(hidden), protect  # noqa: S314 - see proxy.wire.xmldoc
-    except ElementTree.ParseError as exc:
-        raise FormatError("backend sent a malformed listing") from exc
-
-
-def _text(el: ElementTree.Element, name: str) -> str | None:
-    for child in el:
-        if local(child.tag) == name:
-            return child.text
-    return None
-
-
-def _set(root: ElementTree.Element, name: str, value: str | None) -> None:
-    for child in list(root):
-        if local(child.tag) == name:
-            if value is None:
-                root.remove(child)
-            else:
-                child.text = value
-            return
-    if value is not None:
-        ElementTree.SubElement(root, f"{{{S3_NS}}}{name}" if root.tag.startswith("{") else name)
-        _set(root, name, value)
-
-
-class Page:
+class Page(PageText):
     """One backend page, its reserved entries removed."""
 
     def __init__(self, data: bytes, url_encoded: bool) -> None:
-        self.root, self.protect = parse_listing(data)
-        self.entries: list[ElementTree.Element] = []
-        self.ended_in_reserved = False
+        super().__init__(data)
+        self.names: list[str] = []
+        kept = []
         last_name = ""
-        for el in list(self.root):
-            if local(el.tag) not in ENTRY_TAGS:
+        body, protected = self.body, self.protect.found
+        for entry in self.entries:
+            start, end = entry[3][PREFIX if entry[0] == "CommonPrefixes" else KEY]
+            name = body[start:end] if start != end else ""
+            if "&" in name:
+                name = unescape(name)
+            if url_encoded and "%" in name:
+                name = unquote(name)
+            if protected:
+                name = self.protect.real(name)
+            if name > last_name:
+                last_name = name
+            if _RESERVED_WORD in name.casefold() and is_reserved_name(name):
+                continue  # a key that does not hold the segment in any case cannot name it
+            kept.append(entry)
+            self.names.append(name)
+        self.entries = kept
+        self.truncated = (self.field("IsTruncated") or "").strip().lower() == "true"
+        self.ended_in_reserved = self.truncated and last_name.startswith(RESERVED_PREFIX)
+
+    def entry_text(self, index: int, name: str) -> str | None:
+        return self.text(self.entries[index][3], FIELDS.index(name))
+
+    def client_entries(self, bucket: str, policy: KeyPolicy) -> list[str]:
+        """Each kept entry as the client sees it: plaintext size, client ETag."""
+        body = self.body
+        out: list[str] = []
+        keep = out.append
+        times: dict[str, float | None] = {}
+        every = policy.bucket_decision(bucket)  # None: each key asks the policy
+        if every is not None and not every.encrypt:
+            return [body[start:end] for _, start, end, _ in self.entries]
+        since = None if every is None else every.encrypted_since
+        for (tag, start, end, spans), key in zip(self.entries, self.names, strict=True):
+            s0, s1 = spans[SIZE]
+            if s0 == s1 or (tag != "Contents" and tag != "Version"):
+                keep(body[start:end])
                 continue
-            self.root.remove(el)
-            raw = _text(el, "Prefix" if local(el.tag) == "CommonPrefixes" else "Key") or ""
-            name = self.protect.real(unquote(raw) if url_encoded else raw)
-            last_name = max(last_name, name)
-            if not is_reserved_name(name):
-                self.entries.append(el)
-        truncated = (_text(self.root, "IsTruncated") or "").strip().lower() == "true"
-        self.truncated = truncated
-        self.ended_in_reserved = truncated and last_name.startswith(RESERVED_PREFIX)
+            if every is None or since is not None:
+                t0, t1 = spans[LAST_MODIFIED]
+                stamp = body[t0:t1] if t0 != t1 else ""
+                if stamp not in times:
+                    times[stamp] = _iso_time(unescape(stamp))
+                modified = times[stamp]
+                if every is None:
+                    encrypted = policy.may_be_encrypted(bucket, key, modified)
+                else:  # may_be_encrypted's own arithmetic on the bucket's decision
+                    encrypted = modified is None or since is None or modified >= since
+                if not encrypted:
+                    keep(body[start:end])
+                    continue
+            try:
+                size = str(crypto.plaintext_size(int(unescape(body[s0:s1]))))
+            except (FormatError, ValueError):
+                keep(body[start:end])  # cannot be a v1 object: stored as sent
+                continue
+            e0, e1 = spans[ETAG]
+            if e0 == e1:
+                keep(body[start:s0] + size + body[s1:end])
+                continue
+            etag = client_etag(unescape(body[e0:e1]), True) or ""
+            if "&" in etag or "<" in etag or ">" in etag:
+                etag = escape(etag)
+            if e0 < s0:
+                keep(body[start:e0] + etag + body[e1:s0] + size + body[s1:end])
+            else:
+                keep(body[start:s0] + size + body[s1:e0] + etag + body[e1:end])
+        return out
 
 
 def _jump_query(query: tuple[tuple[str, str], ...], kept: int) -> tuple[tuple[str, str], ...]:
@@ -254,26 +242,26 @@ async def _follow(
     pages = [page]
     current = page
     while current.ended_in_reserved and len(pages) <= MAX_HOPS:
-        key = _text(current.root, "NextKeyMarker")
+        key = current.field("NextKeyMarker")
         if not key:
             break
-        next_id = _text(current.root, "Next" + id_name + "Marker") or ""
+        next_id = current.field("Next" + id_name + "Marker") or ""
         marker = (("key-marker", key), (id_marker, next_id))
         current = Page(await fetch((*base, *marker, (size_name, "1000"))), url_encoded)
         pages.append(current)
-    nexts = {name: _text(current.root, name) for name in NEXT_TAGS}
+    nexts = {name: current.field(name) for name in NEXT_TAGS}
     kept = 0
     trimmed = False
     for p in pages:
         room = max(0, limit - kept)
         if len(p.entries) > room:
-            p.entries, trimmed = p.entries[:room], True
+            p.entries, p.names, trimmed = p.entries[:room], p.names[:room], True
         kept += len(p.entries)
-    last_el = next((e for p in reversed(pages) for e in reversed(p.entries)), None)
-    if trimmed and last_el is not None:
+    last = next((p for p in reversed(pages) if p.entries), None)
+    if trimmed and last is not None:
         nexts["IsTruncated"] = "true"
-        nexts["NextKeyMarker"] = _text(last_el, "Key")
-        nexts["Next" + id_name + "Marker"] = _text(last_el, id_name)
+        nexts["NextKeyMarker"] = last.entry_text(-1, "Key")
+        nexts["Next" + id_name + "Marker"] = last.entry_text(-1, id_name)
     return pages, nexts
 
 
@@ -294,55 +282,78 @@ async def list_bucket(
         query = tuple((k, inner if k == "continuation-token" else v) for k, v in query)
     page = Page(await fetch(query), url_encoded)
     pages = [page]
-    nexts = {name: _text(page.root, name) for name in NEXT_TAGS}
+    nexts = {name: page.field(name) for name in NEXT_TAGS}
     if page.ended_in_reserved and ("versions" in given or "uploads" in given):
         pages, nexts = await _follow(fetch, query, page, url_encoded)
     elif page.ended_in_reserved:
         last = Page(await fetch(_jump_query(query, len(page.entries))), url_encoded)
         pages.append(last)
-        nexts = {name: _text(last.root, name) for name in NEXT_TAGS}
-    root = page.root
+        nexts = {name: last.field(name) for name in NEXT_TAGS}
+    fields = _Fields(page)
     for name, value in nexts.items():
-        _set(root, name, value)
-    next_token = _text(root, "NextContinuationToken")
+        fields.set(name, value)
+    next_token = fields.get("NextContinuationToken")
     if next_token:
-        _set(root, "NextContinuationToken", tokens.seal(next_token))
+        fields.set("NextContinuationToken", tokens.seal(next_token))
     if client_token is not None:
-        _set(root, "ContinuationToken", client_token)
-    if _text(root, "KeyCount") is not None:
-        _set(root, "KeyCount", str(sum(len(p.entries) for p in pages)))
+        fields.set("ContinuationToken", client_token)
+    if fields.get("KeyCount") is not None:
+        fields.set("KeyCount", str(sum(len(p.entries) for p in pages)))
+    parts = [page.root_open, _as_written("".join(fields.sources()), page.plain)]
     for p in pages:
-        for el in p.entries:
-            if local(el.tag) in ("Contents", "Version"):
-                _plaintext_view(el, bucket, policy, url_encoded, p.protect)
-            root.append(el)
-    out = ElementTree.tostring(root, encoding="unicode").replace("\r", "&#xD;")
+        parts.append(_as_written("".join(p.client_entries(bucket, policy)), p.plain))
+    parts.append(f"</{page.root_name}>")
+    out = "".join(parts)
     for p in pages:
         out = p.protect.restore(out)
     return ('<?xml version="1.0" encoding="UTF-8"?>\n' + out).encode()
 
 
-def _plaintext_view(
-    entry: ElementTree.Element,
-    bucket: str,
-    policy: KeyPolicy,
-    url_encoded: bool,
-    protect: _Protected,
-) -> None:
-    """Plaintext size and client ETag for an entry that may be encrypted."""
-    raw = _text(entry, "Key") or ""
-    key = protect.real(unquote(raw) if url_encoded else raw)
-    size_el = next((c for c in entry if local(c.tag) == "Size"), None)
-    modified = _iso_time(_text(entry, "LastModified"))
-    if size_el is None or size_el.text is None:
-        return
-    if not policy.may_be_encrypted(bucket, key, modified):
-        return
-    try:
-        plain = crypto.plaintext_size(int(size_el.text))
-    except (FormatError, ValueError):
-        return  # cannot be a v1 object: stored as sent
-    size_el.text = str(plain)
-    etag_el = next((c for c in entry if local(c.tag) == "ETag"), None)
-    if etag_el is not None and etag_el.text:
-        etag_el.text = client_etag(etag_el.text, True)
+_REF: Final = re.compile(r"&#(x[0-9a-fA-F]+|[0-9]+);")
+_MARKUP: Final = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _resolve(m: re.Match[str]) -> str:
+    ref = m.group(1)
+    char = chr(int(ref[1:], 16) if ref[0] == "x" else int(ref))
+    return _MARKUP.get(char, char)
+
+
+def _as_written(text: str, plain: bool) -> str:
+    """Element content as ElementTree writes it: the references a backend used for
+    characters XML holds (quotes, LF, ...) as the characters (those it cannot hold are
+    protected markers here, written as references later). Only for a page read as plain,
+    where no tag has attributes; others are ElementTree's writing already."""
+    if not plain or "&" not in text:
+        return text
+    text = text.replace("&quot;", '"').replace("&apos;", "'")
+    return _REF.sub(_resolve, text) if "&#" in text else text
+
+
+class _Fields:
+    """The first page's non-entry children, as the client gets them (new ones at the end)."""
+
+    def __init__(self, page: Page) -> None:
+        self._page = page
+        self._fields = [list(f) for f in page.fields]
+
+    def get(self, name: str) -> str | None:
+        for f in self._fields:
+            if f[0] == name:
+                return None if f[2] is None else unescape(f[2])
+        return None
+
+    def set(self, name: str, value: str | None) -> None:
+        text = None if value is None else escape(value)
+        for i, f in enumerate(self._fields):
+            if f[0] == name:
+                if text is None:
+                    del self._fields[i]
+                else:
+                    self._fields[i] = [name, f"<{name}>{text}</{name}>", text or None]
+                return
+        if text is not None:
+            self._fields.append([name, f"<{name}>{text}</{name}>", text or None])
+
+    def sources(self) -> list[str]:
+        return [f[1] or "" for f in self._fields]
