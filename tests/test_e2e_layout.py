@@ -47,20 +47,25 @@ class Stored:
         self.envelope: bytes = record["Body"].read()
 
 
-@pytest.fixture
-def mp_object(proxy: Any, client: Any, direct: Any, bucket: str) -> tuple[Any, str, bytes, Stored]:
-    parts = [_data(PART, 1), _data(PART, 2), _data(1000, 3)]
-    up = client.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+def _send_parts(client: Any, bucket: str, key: str, up: str, parts: list[bytes]) -> None:
+    """Upload ``parts`` as parts 1..n of upload ``up`` and complete it."""
     etags = [
-        client.upload_part(Bucket=bucket, Key="mp", UploadId=up, PartNumber=n, Body=p)["ETag"]
+        client.upload_part(Bucket=bucket, Key=key, UploadId=up, PartNumber=n, Body=p)["ETag"]
         for n, p in enumerate(parts, 1)
     ]
     client.complete_multipart_upload(
         Bucket=bucket,
-        Key="mp",
+        Key=key,
         UploadId=up,
         MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]},
     )
+
+
+@pytest.fixture
+def mp_object(proxy: Any, client: Any, direct: Any, bucket: str) -> tuple[Any, str, bytes, Stored]:
+    parts = [_data(PART, 1), _data(PART, 2), _data(1000, 3)]
+    up = client.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+    _send_parts(client, bucket, "mp", up, parts)
     stored = Stored(direct, bucket, "mp")
     env = json.loads(stored.envelope)
     assert env["x-amz-meta-cmek-v"] == "2"
@@ -249,16 +254,7 @@ def test_upload_created_by_a_v1_proxy_completes(
     state = UploadState(bucket, "up", env)
     direct.put_object(Bucket=bucket, Key=STATE_PREFIX + up, Body=state.to_json())
     parts = [_data(PART, 11), _data(77, 12)]
-    etags = [
-        client.upload_part(Bucket=bucket, Key="up", UploadId=up, PartNumber=n, Body=p)["ETag"]
-        for n, p in enumerate(parts, 1)
-    ]
-    client.complete_multipart_upload(
-        Bucket=bucket,
-        Key="up",
-        UploadId=up,
-        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]},
-    )
+    _send_parts(client, bucket, "up", up, parts)
     data = b"".join(parts)
     assert client.get_object(Bucket=bucket, Key="up")["Body"].read() == data
     got = client.get_object(Bucket=bucket, Key="up", Range=f"bytes={PART - 2}-{PART + 2}")
