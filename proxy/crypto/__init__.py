@@ -30,7 +30,6 @@ from proxy.crypto.seal import (
     seal_object_key,
 )
 from proxy.crypto.segments import (
-    MAX_PART,
     OBJECT_KEY_SIZE,
     StreamDecryptor,
     StreamEncryptor,
@@ -44,6 +43,7 @@ from proxy.crypto.segments import (
 from proxy.crypto.sizes import (
     FORMAT_VERSION,
     HEADER_SIZE,
+    MAX_PART,
     SEGMENT_OVERHEAD,
     SEGMENT_SIZE,
     STORED_SEGMENT_SIZE,

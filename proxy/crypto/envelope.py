@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.crypto.layout import PartLayout
-from proxy.crypto.seal import ENVELOPE_VERSION_LAYOUT, SEALED_KEY_SIZE, Binding
+from proxy.crypto.seal import (
+    ENVELOPE_VERSION_LAYOUT,
+    SEALED_KEY_SIZE,
+    Binding,
+    check_layout,
+    layout_version,
+)
 from proxy.crypto.sizes import FORMAT_VERSION
 from proxy.errors import FormatError
 
@@ -66,13 +72,16 @@ class Envelope:
     pending: bool = False
     """v2: the envelope of a multipart upload not completed yet: never read an object with."""
 
+    def __post_init__(self) -> None:
+        check_layout(self.multipart, self.layout, self.pending)
+
     def binding(self, bucket: str, key: str) -> Binding:
         """What this envelope's sealed object key is bound to, at ``bucket``/``key``."""
         return Binding(bucket, key, self.multipart, self.layout, self.pending)
 
     @property
     def version(self) -> int:
-        return ENVELOPE_VERSION_LAYOUT if self.layout is not None or self.pending else 1
+        return layout_version(self.layout, self.pending)
 
 
 def _check_text(name: str, value: str, *, allow_empty: bool) -> None:
@@ -106,7 +115,6 @@ def to_metadata(env: Envelope) -> dict[str, str]:
         raise ValueError("wrapped data key must not be empty")
     if len(env.sealed_object_key) != SEALED_KEY_SIZE:
         raise ValueError(f"sealed object key must be {SEALED_KEY_SIZE} bytes")
-    env.binding("", "")  # a consistent layout
     layout = LAYOUT_MULTIPART if env.multipart else LAYOUT_SINGLE
     meta = {
         M_VERSION: str(env.version),

@@ -14,10 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.crypto.sizes import SEGMENT_SIZE
+from proxy.crypto.sizes import MAX_PART, SEGMENT_SIZE
 from proxy.errors import FormatError
 
-MAX_PART: Final = 10000
 MAX_RUNS: Final = 16
 """At most this many runs are bound (a typical upload has 1 or 2); an upload whose layout needs
 more is rewritten by the proxy into one that does not (FORMAT.md section 5)."""

@@ -37,14 +37,24 @@ class Binding:
     """v2: a multipart upload not completed yet (its key opens for parts, never for reads)."""
 
     def __post_init__(self) -> None:
-        if (self.layout is not None or self.pending) and not self.multipart:
-            raise ValueError("only multipart bindings carry a layout")
-        if self.layout is not None and self.pending:
-            raise ValueError("a pending binding has no layout yet")
+        check_layout(self.multipart, self.layout, self.pending)
 
     @property
     def version(self) -> int:
-        return ENVELOPE_VERSION_LAYOUT if self.layout is not None or self.pending else 1
+        return layout_version(self.layout, self.pending)
+
+
+def check_layout(multipart: bool, layout: PartLayout | None, pending: bool) -> None:
+    """A layout or the pending mark only on multipart objects, and never both."""
+    if (layout is not None or pending) and not multipart:
+        raise ValueError("only multipart objects carry a layout")
+    if layout is not None and pending:
+        raise ValueError("a pending upload has no layout yet")
+
+
+def layout_version(layout: PartLayout | None, pending: bool) -> int:
+    """The format version of a binding or envelope: 2 with a layout or pending, else 1."""
+    return ENVELOPE_VERSION_LAYOUT if layout is not None or pending else 1
 
 
 def _lp(value: bytes) -> bytes:

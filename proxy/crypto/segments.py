@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proxy.crypto.layout import MAX_PART as LAYOUT_MAX_PART
 from proxy.crypto.layout import PartLayout
 from proxy.crypto.sizes import (
     FORMAT_VERSION,
     HEADER_SIZE,
+    MAX_PART,
     SEGMENT_OVERHEAD,
     SEGMENT_SIZE,
     STORED_SEGMENT_SIZE,
@@ -33,7 +33,6 @@ RandomBytes = Callable[[int], bytes]
 
 OBJECT_KEY_SIZE = 32
 FLAG_FINAL = 0x01
-MAX_PART = LAYOUT_MAX_PART
 MAX_INDEX = 2**32 - 1
 RANDOM_SIZE = 8
 _NONCE_OFFSET = 4

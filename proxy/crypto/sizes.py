@@ -13,6 +13,8 @@ HEADER_SIZE = 16
 TAG_SIZE = 16
 SEGMENT_OVERHEAD = HEADER_SIZE + TAG_SIZE
 STORED_SEGMENT_SIZE = SEGMENT_SIZE + SEGMENT_OVERHEAD
+MAX_PART = 10000
+"""The highest S3 part number (a single-part stream is part 0)."""
 
 
 def _segments_for_plaintext(plaintext_size: int) -> int:

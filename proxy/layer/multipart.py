@@ -300,7 +300,6 @@ class MultipartLayer:
         )
         aligned = layout is not None
         env = state.envelope
-        sidecar = self.objects.envelopes.kind == "sidecar"
         if layout is not None:
             env = await self.completed_envelope(bucket, key, env, layout, checksum)
         await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
@@ -317,21 +316,21 @@ class MultipartLayer:
         )
         doc = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
         try:
-            await self._backend_complete(bucket, key, upload_id, doc, state)
+            data = await self._backend_complete(bucket, key, upload_id, doc, state)
         except S3Error as exc:
             if exc.status < 500:  # refused for sure: nothing was completed
                 await self.objects.envelopes.drop_pending(bucket, key, upload_id)
             raise
+        made = find_text(data, "ETag") or None
         if not aligned:
-            if sidecar:
-                await self.objects.commit_envelope(bucket, key, env, None)  # to read it back
             await realign(
                 self.objects, bucket, key, env, [stored[p.number] for p in parts], checksum
             )
+            head, _ = await self.backend.call("HEAD", bucket, key)
+            made = head.headers.get("etag")  # the rewritten object's
         else:
-            await self.objects.envelopes.commit_completed(bucket, key, env, None)
-        head, _ = await self.backend.call("HEAD", bucket, key)
-        etag = client_etag(head.headers.get("etag"), True) or ""
+            made = await self._commit_completed(bucket, key, env, made)
+        etag = client_etag(made, True) or ""
         out = sse_headers(env.kek_uri)
         fields: list[tuple[str, str]] = []
         if checksum is not None:
@@ -342,6 +341,25 @@ class MultipartLayer:
         await self._put_state(upload_id, replace(state, done=done))
         await self.objects.envelopes.drop_pending(bucket, key, upload_id)
         return self._answer(bucket, key, done)
+
+    async def _commit_completed(
+        self, bucket: str, key: str, env: crypto.Envelope, answered: str | None
+    ) -> str | None:
+        """File the completed envelope under the ETag of the object this Complete made;
+        returns that ETag. The key's current object is checked to be this upload's: a racing
+        writer may have replaced it already (its own envelope then stands), and the ETag the
+        backend's Complete answered is not always the one it stores (rclone's is the MD5 of
+        the whole body)."""
+        head, _ = await self.backend.call("HEAD", bucket, key, ok=(200, 404))
+        current = head.headers.get("etag") if head.status == 200 else None
+        if current is None:
+            return answered  # deleted meanwhile
+        if etag_core(current) != etag_core(answered) and not await self._holds(
+            bucket, key, head.headers, env
+        ):
+            return answered  # replaced meanwhile
+        await self.objects.envelopes.commit_completed(bucket, key, env, current)
+        return current
 
     async def completed_envelope(
         self,
@@ -382,10 +400,9 @@ class MultipartLayer:
             sizes = [crypto.plaintext_size(r.stored_size) for r in again]
             checksum = combined_checksum(state, parts, sizes, headers)
             await realign(self.objects, bucket, key, state.envelope, again, checksum)
-        else:  # the completed envelope, from the pending one if it was not stored yet
-            head, _ = await self.backend.call("HEAD", bucket, key)
-            await self.objects.envelope(bucket, key, head.headers)
         head, _ = await self.backend.call("HEAD", bucket, key)
+        if not state.realign:  # the completed envelope, from the pending one if not stored yet
+            await self.objects.envelope(bucket, key, head.headers)
         done = Completion(
             tuple((p.number, _etag(p.etag)) for p in parts),
             client_etag(head.headers.get("etag"), True) or "",
@@ -426,15 +443,22 @@ class MultipartLayer:
             return False
         if state.envelope is None:
             return "-" in (head.headers.get("etag") or "")  # a plaintext multipart object
-        etag = etag_core(head.headers.get("etag"))
+        return await self._holds(bucket, key, head.headers, state.envelope)
+
+    async def _holds(
+        self, bucket: str, key: str, stored: Mapping[str, str], env: crypto.Envelope
+    ) -> bool:
+        """Whether the object version whose headers are ``stored`` is this upload's: its first
+        stored segment authenticates under the upload's object key."""
+        etag = etag_core(stored.get("etag"))
         try:
-            total = crypto.segment_count(int(head.headers.get("content-length", "")))
+            total = crypto.segment_count(int(stored.get("content-length", "")))
         except (ValueError, FormatError):
             return False
         if etag is None:
             return False
         first = await first_segment(self.backend, bucket, key, etag)
-        object_key = await self.objects.object_key_for(bucket, key, state.envelope)
+        object_key = await self.objects.object_key_for(bucket, key, env)
         return crypto.opens_first_segment(object_key, first, total, multipart=True)
 
 

@@ -81,6 +81,11 @@ def unescape(raw: str) -> str:
     return _ENTITY.sub(sub, raw)
 
 
+def _ref_code(ref: str) -> int:
+    """The code point of a character reference ``&#...;``."""
+    return int(ref[3:-1], 16) if ref[2] == "x" else int(ref[2:-1])
+
+
 def _holdable(code: int) -> bool:
     return code != 0x0D and code <= 0x10FFFF and XML_CHAR.fullmatch(chr(code)) is not None
 
@@ -98,7 +103,7 @@ class Protected:
         def sub(m: re.Match[str]) -> str:
             s = m.group(0)
             if s.startswith("&#"):
-                code = int(s[3:-1], 16) if s[2] == "x" else int(s[2:-1])
+                code = _ref_code(s)
                 if _holdable(code):
                     return s  # an ordinary reference: the parser reads it right
             else:
@@ -132,7 +137,7 @@ def _needs_care(data: bytes, text: str) -> bool:
         return True
     if "&#" in text:
         for ref in set(_REF.findall(text)):
-            if not _holdable(int(ref[3:-1], 16) if ref[2] == "x" else int(ref[2:-1])):
+            if not _holdable(_ref_code(ref)):
                 return True
     return False
 
