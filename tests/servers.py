@@ -165,12 +165,12 @@ def stored_envelope(direct: Any, bucket: str, key: str) -> dict[str, str]:
     if any(k.startswith("cmek-") for k in meta) and meta.get("cmek-layout") != "p":
         return meta
     # no metadata envelope (sidecar store), or a multipart object's pending one: the
-    # completed envelope is the one keyed by the object's ETag
-    from proxy.layer.envelopes import sidecar_prefix
+    # completed envelope is the one named after its upload (metadata store) or ETag (sidecar)
+    from proxy.layer.envelopes import current_names, sidecar_prefix
 
-    side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + head["ETag"].strip('"'))[
-        "Body"
-    ].read()
+    headers = {"x-amz-meta-" + k: v for k, v in head["Metadata"].items()}
+    name = current_names({**headers, "etag": head["ETag"]})[-1]
+    side = direct.get_object(Bucket=bucket, Key=sidecar_prefix(key) + name)["Body"].read()
     return {k.removeprefix("x-amz-meta-"): v for k, v in json.loads(side).items()}
 
 

@@ -124,7 +124,9 @@ def test_backend_completed_but_proxy_died_before_the_envelope(
     env = UploadState.from_json(raw).envelope
     assert env is not None and env.pending
     env = _completed(proxy, bucket, "k", env, [len(p1), len(p2)])
-    proxy.call(proxy.proxy.envelopes.write_pending(bucket, "k", up, env))  # as Complete does
+    pending = UploadState.from_json(raw).envelope
+    assert pending is not None
+    proxy.call(proxy.proxy.envelopes.before_complete(bucket, "k", up, pending, env))  # as Complete
     stored = direct.list_parts(Bucket=bucket, Key="k", UploadId=up)["Parts"]
     # the backend's Complete, then the kill
     _complete(direct, bucket, "k", up, [(p["PartNumber"], p["ETag"]) for p in stored])

@@ -25,7 +25,7 @@ from cachetools import TTLCache
 from proxy import crypto
 from proxy.errors import FormatError, S3Error
 from proxy.layer.checksum_store import COMPOSITE, StoredChecksum, seal_checksum
-from proxy.layer.envelopes import etag_core, first_segment
+from proxy.layer.envelopes import current_names, etag_core, first_segment, upload_record
 from proxy.layer.headers import client_storable_headers, sse_headers
 from proxy.layer.objects import ObjectLayer, PutResult, backend_etag, client_etag
 from proxy.layer.rewrite import StoredPart, realign
@@ -248,8 +248,9 @@ class MultipartLayer:
     ) -> tuple[bytes, dict[str, str]]:
         """CompleteMultipartUpload, crash-safe and repeatable.
 
-        With sidecar envelopes the completed object's envelope is written (as pending, see
-        ``envelopes.py``) before the backend's Complete, so the key reads as the old object,
+        The completed object's envelope is written before the backend's Complete (named
+        after the upload in the metadata store, as pending in the sidecar store: see
+        ``envelopes.py``), so the key reads as the old object,
         the new one, or - during a realignment - an error, at every instant. The state object
         stays, marked done with the answer, so a Complete repeated after it succeeded (SDKs
         retry after a timeout) answers the same; a repeat after a crash between the backend's
@@ -299,10 +300,15 @@ class MultipartLayer:
             (p.number, size) for p, size in zip(parts, sizes, strict=True)
         )
         aligned = layout is not None
-        env = state.envelope
+        store = self.objects.envelopes
+        # the pending envelope to drop once the completed one is filed (by the object's ETag)
+        pending = not aligned or store.files_completed_by_etag
+        env = upload_env = state.envelope
         if layout is not None:
             env = await self.completed_envelope(bucket, key, env, layout, checksum)
-        await self.objects.envelopes.write_pending(bucket, key, upload_id, env)
+            await store.before_complete(bucket, key, upload_id, upload_env, env)
+        else:
+            await store.write_pending(bucket, key, upload_id, env)
         if not aligned:
             redo = tuple(
                 (p.number, stored[p.number].etag, stored[p.number].stored_size) for p in parts
@@ -318,9 +324,9 @@ class MultipartLayer:
         try:
             data = await self._backend_complete(bucket, key, upload_id, doc, state)
         except S3Error as exc:
-            if exc.status < 500:  # refused for sure: nothing was completed
-                await self.objects.envelopes.drop_pending(bucket, key, upload_id)
-            raise
+            if exc.status < 500 and pending:  # refused for sure: nothing was completed
+                await store.drop_pending(bucket, key, upload_id)
+            raise  # (a completed envelope named after the upload is left to gc)
         made = find_text(data, "ETag") or None
         if not aligned:
             await realign(
@@ -328,8 +334,12 @@ class MultipartLayer:
             )
             head, _ = await self.backend.call("HEAD", bucket, key)
             made = head.headers.get("etag")  # the rewritten object's
+        elif store.files_completed_by_etag:
+            made = await self._commit_completed(bucket, key, upload_env, env, made)
         else:
-            made = await self._commit_completed(bucket, key, env, made)
+            await store.commit_completed(bucket, key, upload_env, env, made)
+            if made is None:  # Ceph RGW answers <ETag></ETag>: the object's, if still this one
+                made = await self._etag_of_upload(bucket, key, upload_env)
         etag = client_etag(made, True) or ""
         out = sse_headers(env.kek_uri)
         fields: list[tuple[str, str]] = []
@@ -339,11 +349,17 @@ class MultipartLayer:
             fields.append(("ChecksumType", checksum.type))
         done = Completion(tuple((p.number, _etag(p.etag)) for p in parts), etag, out, tuple(fields))
         await self._put_state(upload_id, replace(state, done=done))
-        await self.objects.envelopes.drop_pending(bucket, key, upload_id)
+        if pending:
+            await store.drop_pending(bucket, key, upload_id)
         return self._answer(bucket, key, done)
 
     async def _commit_completed(
-        self, bucket: str, key: str, env: crypto.Envelope, answered: str | None
+        self,
+        bucket: str,
+        key: str,
+        pending: crypto.Envelope,
+        env: crypto.Envelope,
+        answered: str | None,
     ) -> str | None:
         """File the completed envelope under the ETag of the object this Complete made;
         returns that ETag. The key's current object is checked to be this upload's: a racing
@@ -358,8 +374,16 @@ class MultipartLayer:
             bucket, key, head.headers, env
         ):
             return answered  # replaced meanwhile
-        await self.objects.envelopes.commit_completed(bucket, key, env, current)
+        await self.objects.envelopes.commit_completed(bucket, key, pending, env, current)
         return current
+
+    async def _etag_of_upload(self, bucket: str, key: str, pending: crypto.Envelope) -> str | None:
+        """The ETag of the object at ``key`` if it is the upload's whose envelope is ``pending``
+        (its metadata holds it: metadata store)."""
+        head, _ = await self.backend.call("HEAD", bucket, key, ok=(200, 404))
+        if head.status == 200 and upload_record(pending) in current_names(head.headers):
+            return head.headers.get("etag")
+        return None
 
     async def completed_envelope(
         self,

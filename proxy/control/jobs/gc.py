@@ -4,7 +4,8 @@ It walks the reserved prefix of a bucket (``.cmek-proxy/``), at most ``limit`` o
 run (the next run goes on after ``last_key``), and removes - only when older than
 ``min_age`` on the backend's clock, so a write, upload or job in flight keeps its own:
 
-* ``removed-envelope`` - a sidecar envelope whose object is gone or now has another ETag
+* ``removed-envelope`` - a sidecar envelope whose object is gone or now has another ETag (or,
+  for a multipart object's completed envelope in the metadata store, another upload's)
   (an overwrite or delete that happened while the proxy could not clean up, or a write
   that failed after its envelope was stored). Kept: ``envelope-live``. The envelope names
   its object (``key``); one written before it did is counted ``envelope-unnamed`` and kept.
@@ -38,7 +39,7 @@ from proxy.control.jobs.common import (
     _parse_time,
 )
 from proxy.errors import CmekError
-from proxy.layer.envelopes import KEY_FIELD, SIDECAR_PREFIX, etag_core
+from proxy.layer.envelopes import KEY_FIELD, SIDECAR_PREFIX, current_names, etag_core
 from proxy.layer.uploads import STATE_PREFIX
 from proxy.wire.reserved import RESERVED_PREFIX
 from proxy.wire.xmldoc import child_text, local, parse_backend
@@ -107,7 +108,7 @@ class _Gc:
             self.prog.outcome("envelope-unnamed")
             return
         head, _ = await self.ctx.backend.call("HEAD", self.bucket, key, ok=(200, 404))
-        if head.status == 200 and etag_core(head.headers.get("etag")) == etag:
+        if head.status == 200 and etag in current_names(head.headers):
             self.prog.outcome("envelope-live")
             return
         await self.remove(obj.key, "envelope")
@@ -115,7 +116,7 @@ class _Gc:
             return
         self.ctx.envelopes.invalidate(self.bucket, key)
         again, _ = await self.ctx.backend.call("HEAD", self.bucket, key, ok=(200, 404))
-        if again.status == 200 and etag_core(again.headers.get("etag")) == etag:
+        if again.status == 200 and etag in current_names(again.headers):
             # a write of this very version committed meanwhile: its envelope goes back
             await self.ctx.backend.call(
                 "PUT",
