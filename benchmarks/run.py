@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.loadgen import S3Client
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes and durations (seconds)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--relay-all",
+        action="store_true",
+        help="run every proxy scenario through the counting relay (runs before 2026-12-02 "
+        "did; by default only the range scenario, which counts backend bytes, uses it)",
+    )
+    p.add_argument(
         "--proxy-workers",
         type=int,
         help="workers of the proxy-default target (default: the proxy's own default, the CPUs "
@@ -127,6 +134,7 @@ def options_from(a: argparse.Namespace) -> Options:
             part_parallel=2,
             small_keys=32,
             seed=a.seed,
+            relay_all=a.relay_all,
         )
     else:
         base = Options(
@@ -144,6 +152,7 @@ def options_from(a: argparse.Namespace) -> Options:
             part_parallel=4,
             small_keys=256,
             seed=a.seed,
+            relay_all=a.relay_all,
         )
     if a.sizes:
         base.sizes = a.sizes
@@ -192,7 +201,54 @@ async def measure_target(
     payloads: dict[int, bytes],
     proxy_workers: int | None = None,
 ) -> None:
-    bucket = f"bench-{target}"
+    if target in ("proxy", "proxy-default") and "range" in opts.scenarios and not opts.relay_all:
+        # The range scenario counts backend bytes through a relay; every other scenario runs
+        # with the proxy straight on the backend, as the direct target and the peer are.
+        rest = [s for s in opts.scenarios if s != "range"]
+        for scenarios, relay in ((rest, False), (["range"], True)):
+            if scenarios:
+                part = replace(opts, scenarios=scenarios)
+                await _measure_one(
+                    backend_name,
+                    target,
+                    backend,
+                    workdir,
+                    part,
+                    res,
+                    payloads,
+                    proxy_workers,
+                    relay=relay,
+                    process_figures=bool(rest) != relay,
+                )
+        return
+    await _measure_one(
+        backend_name,
+        target,
+        backend,
+        workdir,
+        opts,
+        res,
+        payloads,
+        proxy_workers,
+        relay=opts.relay_all,
+        process_figures=True,
+    )
+
+
+async def _measure_one(
+    backend_name: str,
+    target: str,
+    backend: Server,
+    workdir: Path,
+    opts: Options,
+    res: Results,
+    payloads: dict[int, bytes],
+    proxy_workers: int | None,
+    *,
+    relay: bool,
+    process_figures: bool,
+) -> None:
+    bucket = f"bench-{target}{'-relay' if relay and target != 'direct' else ''}"
     # Buckets are made on the backend (direct, proxy) or on the peer itself.
     async with AsyncExitStack() as stack:
         if target == "direct":
@@ -200,7 +256,7 @@ async def measure_target(
         elif target in ("proxy", "proxy-default"):
             workers = 1 if target == "proxy" else proxy_workers
             server = await stack.enter_async_context(
-                cmek_proxy(workdir, backend, backend_name, workers)
+                cmek_proxy(workdir, backend, backend_name, workers, relay=relay)
             )
         else:
             server = await stack.enter_async_context(rclone_crypt_peer(workdir))
@@ -212,7 +268,7 @@ async def measure_target(
             server.url, server.access_key, server.secret_key, REGION, max_connections=conns
         ) as client:
             ctx = Ctx(backend_name, target, server, client, bucket, res, opts, payloads)
-            await run_all(ctx)
+            await run_all(ctx, process_figures=process_figures)
 
 
 async def run(

@@ -52,6 +52,7 @@ class Options:
     part_parallel: int
     small_keys: int
     seed: int
+    relay_all: bool = False
 
 
 @dataclass
@@ -299,8 +300,9 @@ RUNNERS: dict[str, Callable[[Ctx], Awaitable[None]]] = {
 }
 
 
-async def run_all(ctx: Ctx) -> None:
-    """Every selected scenario in order, then per-target KMS and process figures.
+async def run_all(ctx: Ctx, *, process_figures: bool = True) -> None:
+    """Every selected scenario in order, then per-target KMS and (``process_figures``) the
+    process's figures for the whole run.
 
     A scenario that fails (e.g. an operation the target does not support) is recorded in
     ``ctx.res.errors`` and the next scenario runs.
@@ -330,6 +332,8 @@ async def run_all(ctx: Ctx) -> None:
             if reqs:
                 per10k = (k1 - k0) * 10_000 / reqs
                 ctx.add("KMS calls", name, "per 10,000 requests", "calls", "lower", per10k)
+    if not process_figures:
+        return
     usage = proc_usage(ctx.server.pid)
     ctx.add("process", "whole run", "peak RSS (VmHWM)", "MiB", "lower", usage.peak_rss_bytes / MiB)
     ctx.add(

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,21 +355,26 @@ def proxy_config(
 
 @asynccontextmanager
 async def cmek_proxy(
-    workdir: Path, backend: Server, tag: str, workers: int | None = 1
+    workdir: Path, backend: Server, tag: str, workers: int | None = 1, *, relay: bool = False
 ) -> AsyncIterator[Server]:
-    """cmek-proxy in front of ``backend``, with a counting relay between the two.
+    """cmek-proxy in front of ``backend``; with ``relay``, a counting relay between the two.
 
+    The relay is a Python process and a hop the direct target does not have, so it is used
+    only where its byte count is the measurement (backend bytes per range GET).
     ``workers=None``: the proxy's default worker count. The harness samples the whole process
     tree (parent, workers), so CPU and RSS figures are the proxy's total on the host.
     """
-    pdir = workdir / f"proxy-{tag}-w{workers or 'default'}"
+    pdir = workdir / f"proxy-{tag}-w{workers or 'default'}{'-relay' if relay else ''}"
     pdir.mkdir()
     key_uri = write_local_keyfile(pdir / "keyfile.json")
     backend_port = int(backend.url.rsplit(":", 1)[1])
-    async with counting_relay(workdir, tag, backend_port) as relay:
+    async with AsyncExitStack() as stack:
+        upstream: Server = backend
+        if relay:
+            upstream = await stack.enter_async_context(counting_relay(workdir, tag, backend_port))
         port, admin = free_port(), free_port()
         cfg = pdir / "config.yaml"
-        doc = proxy_config(relay.url, port, admin, key_uri, workers)
+        doc = proxy_config(upstream.url, port, admin, key_uri, workers)
         cfg.write_text(yaml.safe_dump(doc))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)]
         # /readyz: every worker is up (with --workers 1 it is the process itself).
@@ -387,7 +392,7 @@ async def cmek_proxy(
                 CLIENT_SK,
                 p.pid,
                 metrics_url=f"http://{HOST}:{admin}/metrics",
-                relay_stats_url=relay.relay_stats_url,
+                relay_stats_url=upstream.relay_stats_url,
             )
 
 
