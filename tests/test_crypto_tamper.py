@@ -321,3 +321,30 @@ def test_range_read_detects_tampering_in_fetched_segment() -> None:
     dec = StreamDecryptor(KEY, multipart=False, first_segment=1, last_segment=2, total_segments=4)
     with pytest.raises(IntegrityError):  # range fed a different segment than it asked for
         dec.update(STORED[2 * T : 3 * T])
+
+
+@pytest.mark.parametrize("bad", range(16))
+def test_one_bad_segment_in_a_chunk_releases_nothing_of_the_chunk(bad: int) -> None:
+    """Whole segments of one chunk are opened into one buffer: a chunk whose segment ``bad``
+    fails releases none of it (neither the segments before it nor what the failing one's
+    decryption wrote), and the stream stays failed."""
+    data = os.urandom(16 * S + 100)
+    stored = encrypt_all(KEY, data)
+    total = segment_count(len(stored))
+    lo, hi = seg_bounds(len(stored), bad)
+    tampered = flip(stored, lo + 16 + (hi - lo - 16) // 2)
+    dec = StreamDecryptor(
+        KEY, multipart=False, first_segment=0, last_segment=total - 1, total_segments=total
+    )
+    released = dec.update(tampered[:5])  # a held partial segment first, then one big chunk
+    assert released == b""
+    with pytest.raises(IntegrityError, match=f"segment {bad}: authentication failed"):
+        released = dec.update(tampered[5:])
+    assert released == b""
+    with pytest.raises(IntegrityError):
+        dec.update(b"x")
+    # untampered, the same chunks release exactly the plaintext
+    dec = StreamDecryptor(
+        KEY, multipart=False, first_segment=0, last_segment=total - 1, total_segments=total
+    )
+    assert dec.update(stored[:5]) + dec.update(stored[5:]) + dec.finalize() == data

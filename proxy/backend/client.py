@@ -35,7 +35,7 @@ from proxy.wire.xmldoc import child_text, parse_backend
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-Body = bytes | AsyncIterable[bytes] | None
+Body = bytes | AsyncIterable[bytes | bytearray] | None
 
 COALESCE_BYTES = 256 * 1024
 """A streamed body of at most this many bytes is gathered and sent as one bytes payload.
@@ -100,13 +100,13 @@ def parse_error(status: int, body: bytes) -> S3Error:
     return S3Error(code, message or code, status)
 
 
-async def _gather(body: AsyncIterable[bytes], length: int) -> bytes:
+async def _gather(body: AsyncIterable[bytes | bytearray], length: int) -> bytes:
     """The whole of a small streamed body, which must be exactly ``length`` bytes.
 
     A body of another length is never sent (the backend would wait for bytes that never
     come, or store a cut one): it is a 500 for the client.
     """
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray] = []
     got = 0
     async for chunk in body:
         got += len(chunk)
@@ -115,10 +115,12 @@ async def _gather(body: AsyncIterable[bytes], length: int) -> bytes:
         parts.append(chunk)
     if got != length:
         raise S3Error("InternalError", "the stored body differs from its length", 500)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
 
-async def _exact(body: AsyncIterable[bytes], length: int) -> AsyncIterator[bytes]:
+async def _exact(
+    body: AsyncIterable[bytes | bytearray], length: int
+) -> AsyncIterator[bytes | bytearray]:
     """A large streamed body, checked to be exactly ``length`` bytes.
 
     The excess of a longer body is never sent and a short end raises, so the request is

@@ -24,6 +24,8 @@ import httptools
 
 from proxy.backend.http import ConnectError, ConnectionLost, PayloadError, Response, expire
 
+ReqBody = bytes | AsyncIterable[bytes | bytearray] | None
+"""A request body: whole, or streamed (the encryptor hands out ``bytearray`` segments)."""
 KEEPALIVE_S: Final = 15.0
 """An idle connection is not reused after this long (aiohttp's default)."""
 SMALL_BODY: Final = 64 * 1024
@@ -114,7 +116,7 @@ class Conn(asyncio.Protocol):
         self.received = False
         return resp
 
-    async def send(self, head: bytes, body: bytes | AsyncIterable[bytes] | None) -> None:
+    async def send(self, head: bytes, body: ReqBody) -> None:
         transport = self.transport
         resp = self.resp
         assert transport is not None and resp is not None
@@ -199,9 +201,7 @@ class Pool:
         self._idle: dict[Key, list[Conn]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def request(
-        self, key: Key, method: str, head: bytes, body: bytes | AsyncIterable[bytes] | None
-    ) -> Response:
+    async def request(self, key: Key, method: str, head: bytes, body: ReqBody) -> Response:
         """Send one request; returns once the response headers are in."""
         replayable = body is None or isinstance(body, bytes)
         for attempt in (1, 2):

@@ -24,6 +24,7 @@ from proxy.crypto.sizes import (
     SEGMENT_OVERHEAD,
     SEGMENT_SIZE,
     STORED_SEGMENT_SIZE,
+    TAG_SIZE,
     segment_count,
 )
 from proxy.errors import FormatError, IntegrityError
@@ -89,7 +90,7 @@ class StreamEncryptor:
         self.plaintext_bytes = 0
         self.stored_bytes = 0
 
-    def update(self, data: Buffer) -> bytes:
+    def update(self, data: Buffer) -> bytes | bytearray:
         """Add plaintext; return the stored segments that are now complete."""
         if self._finalized:
             raise ValueError("encryptor already finalized")
@@ -113,7 +114,7 @@ class StreamEncryptor:
         self._held = bytearray(view[pos:])
         return out
 
-    def finalize(self) -> bytes:
+    def finalize(self) -> bytes | bytearray:
         """Return the stream's last segment, marked FINAL."""
         if self._finalized:
             raise ValueError("encryptor already finalized")
@@ -122,14 +123,19 @@ class StreamEncryptor:
         self._held = bytearray()
         return out
 
-    def _seal(self, pieces: list[memoryview], *, final: bool) -> bytes:
-        out: list[bytes] = []
+    def _seal(self, pieces: list[memoryview], *, final: bool) -> bytearray:
+        # Every segment sealed straight into one buffer (no per-segment outputs joined).
+        stored = bytearray(sum(len(p) for p in pieces) + SEGMENT_OVERHEAD * len(pieces))
+        view = memoryview(stored)
+        pos = 0
         last = len(pieces) - 1
         for number, piece in enumerate(pieces):
             header = self._next_header(final=final and number == last)
-            out.append(header)
-            out.append(self._aead.encrypt(header[_NONCE_OFFSET:], piece, header))
-        stored = b"".join(out)
+            view[pos : pos + HEADER_SIZE] = header
+            pos += HEADER_SIZE
+            end = pos + len(piece) + TAG_SIZE
+            self._aead.encrypt_into(header[_NONCE_OFFSET:], piece, header, view[pos:end])
+            pos = end
         self.stored_bytes += len(stored)
         return stored
 
@@ -189,7 +195,7 @@ class StreamDecryptor:
         self._failed = False
         self._finalized = False
 
-    def update(self, data: Buffer) -> bytes:
+    def update(self, data: Buffer) -> bytes | bytearray:
         """Add stored bytes; return the plaintext of each segment that authenticated."""
         self._check_usable()
         try:
@@ -219,25 +225,31 @@ class StreamDecryptor:
         self._failed = True
         self._buf = bytearray()
 
-    def _update(self, view: memoryview) -> bytes:
+    def _update(self, view: memoryview) -> bytes | bytearray:
         size = len(view)
         pos = 0
-        out: list[bytes] = []
+        segments: list[memoryview] = []
         if self._buf:
             pos = min(STORED_SEGMENT_SIZE - len(self._buf), size)
             self._buf += view[:pos]
             if len(self._buf) < STORED_SEGMENT_SIZE:
                 return b""
-            out.append(self._open(memoryview(self._buf)))
+            segments.append(memoryview(self._buf))
             self._buf = bytearray()
         while size - pos >= STORED_SEGMENT_SIZE:
-            out.append(self._open(view[pos : pos + STORED_SEGMENT_SIZE]))
+            segments.append(view[pos : pos + STORED_SEGMENT_SIZE])
             pos += STORED_SEGMENT_SIZE
+        # Every whole segment opened straight into one buffer; it leaves only if all of them
+        # authenticated (an exception drops it, with whatever a failed segment wrote into it).
+        out = bytearray(SEGMENT_SIZE * len(segments))
+        into = memoryview(out)
+        for number, segment in enumerate(segments):
+            self._open(segment, into[number * SEGMENT_SIZE : (number + 1) * SEGMENT_SIZE])
         if pos < size:
             if self._next > self._last:
                 raise IntegrityError("stored data continues after the last segment")
             self._buf = bytearray(view[pos:])
-        return b"".join(out)
+        return out
 
     def _finalize(self) -> bytes:
         if self._next > self._last:
@@ -258,7 +270,9 @@ class StreamDecryptor:
             self._keys[part] = aead
         return aead
 
-    def _open(self, segment: memoryview) -> bytes:
+    def _open(self, segment: memoryview, into: memoryview | None = None) -> bytes:
+        """Check and decrypt one stored segment: its plaintext, or written ``into`` (exactly its
+        size; then b"" is returned)."""
         number = self._next
         if number > self._last:
             raise IntegrityError("stored data continues after the last segment")
@@ -273,9 +287,15 @@ class StreamDecryptor:
             raise IntegrityError(f"segment {number}: part number {part} in a single-part object")
         header = bytes(segment[:HEADER_SIZE])
         try:
-            plaintext = self._key(part).decrypt(
-                header[_NONCE_OFFSET:], segment[HEADER_SIZE:], header
-            )
+            if into is None:
+                plaintext = self._key(part).decrypt(
+                    header[_NONCE_OFFSET:], segment[HEADER_SIZE:], header
+                )
+            else:
+                plaintext = b""
+                self._key(part).decrypt_into(
+                    header[_NONCE_OFFSET:], segment[HEADER_SIZE:], header, into
+                )
         except InvalidTag:
             raise IntegrityError(f"segment {number}: authentication failed") from None
         final = bool(flags & FLAG_FINAL)
@@ -370,7 +390,7 @@ def encrypt_all(
 ) -> bytes:
     """Encrypt a whole stream at once (for tests and tools)."""
     encryptor = StreamEncryptor(object_key, part, random_bytes=random_bytes)
-    return encryptor.update(plaintext) + encryptor.finalize()
+    return bytes(encryptor.update(plaintext) + encryptor.finalize())
 
 
 def decrypt_all(
@@ -389,4 +409,4 @@ def decrypt_all(
         total_segments=total,
         layout=layout,
     )
-    return decryptor.update(stored) + decryptor.finalize()
+    return bytes(decryptor.update(stored) + decryptor.finalize())

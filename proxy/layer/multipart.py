@@ -163,7 +163,7 @@ class MultipartLayer:
         key: str,
         upload_id: str,
         part_number: str | None,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | bytearray],
         length: int,
     ) -> PutResult:
         """Encrypt ``length`` plaintext bytes as part ``part_number``, streaming."""

@@ -70,7 +70,7 @@ __all__ = [
 class GetResult:
     status: int
     headers: CIMultiDict[str]
-    body: AsyncGenerator[bytes, None] | None
+    body: AsyncGenerator[bytes | bytearray, None] | None
     content_length: int
 
 
@@ -328,7 +328,7 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         decryptor: crypto.StreamDecryptor,
         plan: crypto.SegmentRange,
         discard: int,
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[bytes | bytearray, None]:
         need = plan.ct_end - plan.ct_start + 1
         skip = plan.skip
         remaining = plan.length

@@ -37,11 +37,11 @@ class StoredPart:
 class ExactReader:
     """Hands out exact-length slices of one chunk stream, in order."""
 
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
+    def __init__(self, source: AsyncIterator[bytes | bytearray]) -> None:
         self._source = source
-        self._buf = b""
+        self._buf: bytes | bytearray = b""
 
-    async def take(self, n: int) -> AsyncIterator[bytes]:
+    async def take(self, n: int) -> AsyncIterator[bytes | bytearray]:
         left = n
         while left:
             if not self._buf:
@@ -87,7 +87,7 @@ async def realign(
 
 async def _decrypt_parts(
     object_key: bytes, parts: list[StoredPart], reader: ExactReader
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | bytearray]:
     """Each part is its own stream: authenticate it on its own, and check its part number."""
     for part in parts:
         total = crypto.segment_count(part.stored_size)
@@ -118,7 +118,7 @@ async def write_plaintext(
     bucket: str,
     key: str,
     headers: Mapping[str, str],
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[bytes | bytearray],
     length: int,
     checksum: StoredChecksum | None,
 ) -> str | None:
@@ -134,7 +134,7 @@ async def _write_multipart(
     bucket: str,
     key: str,
     headers: Mapping[str, str],
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[bytes | bytearray],
     length: int,
     checksum: StoredChecksum | None,
 ) -> str | None:

@@ -67,7 +67,7 @@ class ObjectWrites:
         bucket: str,
         key: str,
         headers: Mapping[str, str],
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | bytearray],
         length: int,
         verified_checksums: Callable[[], Mapping[str, str]] = dict,
         *,
@@ -206,12 +206,12 @@ class ObjectWrites:
     @staticmethod
     async def encrypt_stream(
         object_key: bytes,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | bytearray],
         length: int,
         part: int = 0,
         *,
         before_final: Callable[[str], Awaitable[None]] | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | bytearray]:
         """Encrypt a verified plaintext stream; the final segment leaves last.
 
         ``before_final`` (sidecar envelopes) is given the MD5 of the whole stored body -
@@ -262,7 +262,7 @@ class ObjectWrites:
         bucket: str,
         key: str,
         headers: dict[str, str],
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | bytearray],
         length: int,
         *,
         encrypted: bool,
@@ -270,7 +270,7 @@ class ObjectWrites:
     ) -> PutResult:
         failure = _BodyFailure()
 
-        async def guarded() -> AsyncIterator[bytes]:
+        async def guarded() -> AsyncIterator[bytes | bytearray]:
             try:
                 async for chunk in body:
                     yield chunk

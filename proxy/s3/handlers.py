@@ -417,7 +417,7 @@ async def stream_result(request: web.Request, res: GetResult) -> web.StreamRespo
     resp.content_length = res.content_length
     assert res.body is not None
     body = res.body
-    pending: list[bytes] = []
+    pending: list[bytes | bytearray] = []
     try:
         first = await anext(body, None)  # errors before any byte go out as XML
         if first is not None:

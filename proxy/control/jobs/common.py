@@ -220,7 +220,7 @@ async def object_key_of(ctx: JobContext, bucket: str, key: str, env: Envelope) -
 
 async def decrypt_stream(
     resp: Response, object_key: bytes, env: Envelope
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | bytearray]:
     """Authenticate and decrypt a whole stored body as it arrives."""
     if env.pending:
         raise IntegrityError("multipart object without its completed envelope")

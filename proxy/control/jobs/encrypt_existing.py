@@ -159,7 +159,7 @@ async def encrypt_existing(
             if etag_core(src.headers.get("etag")) != etag:
                 raise ConcurrentWrite(key)
 
-            async def encrypted() -> AsyncIterator[bytes]:
+            async def encrypted() -> AsyncIterator[bytes | bytearray]:
                 enc = crypto.StreamEncryptor(object_key)
                 seen = 0
                 async for chunk in iter_body(src):
