@@ -3,8 +3,9 @@
 Encrypts ``N`` MiB (default 256) in 1 MiB chunks with ``crypto.StreamEncryptor`` - what a PUT
 does per chunk it receives - and decrypts the result in 1 MiB chunks with
 ``crypto.StreamDecryptor``, as a GET does; prints the best of ``R`` (5) rounds of each in
-seconds per GiB, with the allocator tuned as the proxy tunes it. Runs whichever ``proxy`` is imported, so the commit before a change can be
-measured from its own tree against the one after. Bounded: ``N`` at most 4096, ``R`` at most 50.
+seconds per GiB, with the allocator tuned as the proxy tunes it. Runs whichever ``proxy`` is
+imported, so the commit before a change can be measured from its own tree against the one
+after. Bounded: ``N`` at most 4096, ``R`` at most 50.
 """
 
 from __future__ import annotations
