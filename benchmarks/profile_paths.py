@@ -5,12 +5,14 @@ then with the harness's own client (``benchmarks.loadgen``, as ``benchmarks.run`
 
 - ``OP=multipart``: uploads ``SIZE_MIB`` (64) MiB in 8 MiB parts, 4 in flight, ``N`` (6) times;
 - ``OP=list``: stores ``OBJECTS`` (10,000) keys once, then lists them all ``N`` times (1000 a page);
+- ``OP=put`` / ``OP=get``: one PUT / GET of a ``SIZE_MIB`` (256, at most 1024) MiB object;
 
 each first straight to rclone and then through the proxy, alternating, after one warm-up round
 of each, and prints the median seconds of each and the proxy's CPU per round (utime+stime).
 The proxy rounds run under ``py-spy record -r 200 -f raw`` (``SPY=0`` to skip; ``OUT`` is the
-raw profile, default ``/tmp/cmek-prof-<op>.txt``); summarise it with ``python -m
-benchmarks.profile_small --summary FILE``.  Bounded: ``N`` at most 50, ``OBJECTS`` at most 20,000.
+raw profile, default ``/tmp/cmek-prof-<op>.txt``); ``NATIVE=1`` adds native frames
+(uvloop, OpenSSL, the kernel calls); summarise it with ``python -m benchmarks.profile_small
+--summary FILE``.  Bounded: ``N`` at most 50, ``OBJECTS`` at most 20,000.
 """
 
 from __future__ import annotations
@@ -76,6 +78,22 @@ async def _measure(backend_url: str, proxy_url: str, pid: int, op_name: str) -> 
             async def op(c: S3Client) -> None:
                 await c.multipart_upload("prof", "mp/object", data, 8 * MiB, 4)
 
+        elif op_name == "put":
+            data = os.urandom(min(int(os.environ.get("SIZE_MIB", "256")), 1024) * MiB)
+
+            async def op(c: S3Client) -> None:
+                await c.put_object("prof", "large/object", data)
+
+        elif op_name == "get":
+            data = os.urandom(min(int(os.environ.get("SIZE_MIB", "256")), 1024) * MiB)
+            for c in (direct, proxied):  # one backend: each its own key
+                await c.put_object("prof", f"large/{id(c)}", data)
+
+            async def op(c: S3Client) -> None:
+                n, _ = await c.get_object("prof", f"large/{id(c)}")
+                if n != len(data):
+                    raise RuntimeError(f"GET gave {n} bytes of {len(data)}")
+
         else:
             objects = min(int(os.environ.get("OBJECTS", "10000")), 20_000)
             sem = asyncio.Semaphore(32)
@@ -110,8 +128,8 @@ def main() -> int:
     )
 
     op = os.environ.get("OP", "multipart")
-    if op not in ("multipart", "list"):
-        raise SystemExit("OP is multipart or list")
+    if op not in ("multipart", "list", "put", "get"):
+        raise SystemExit("OP is multipart, list, put or get")
     tmp = Path(tempfile.mkdtemp(prefix="cmek-prof-"))
     with rclone_server(tmp / "root", tmp) as backend:
         key = new_keyfile(tmp / "k.json")
@@ -140,6 +158,8 @@ def main() -> int:
                 out = os.environ.get("OUT", f"/tmp/cmek-prof-{op}.txt")
                 spy_argv = ["py-spy", "record", "-p", str(proc.pid), "-f", "raw", "-r", "200"]
                 spy_argv += ["-o", out, "-d", os.environ.get("DUR", "600")]
+                if os.environ.get("NATIVE") == "1":
+                    spy_argv.append("--native")
                 spy = subprocess.Popen(
                     spy_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
