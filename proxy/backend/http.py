@@ -2,11 +2,17 @@
 
 What ``client.py`` needs and no more (benchmarks/README.md: aiohttp's client cost ~200 us of
 CPU per small backend request).  ``Response``: status, headers (``CIMultiDictProxy``),
-``content`` (``read(n)``, ``readexactly``, ``iter_chunked``), ``read()``,
+``content`` (``read(n)``, ``readexactly``, ``iter_chunked``, ``readinto``), ``read()``,
 ``release()``/``close()`` (the connection is reused only if the body was read to its end).
 At most ``HIGH_WATER`` body bytes are buffered before the socket stops being read; each wait
 for more is bounded by the read timeout (``TimeoutError``).  Failures are ``HttpError``s: a
 body never ends short without one.
+
+llhttp parses the status line, the headers and chunked bodies.  A Content-Length body is
+counted here once the headers are parsed (``Response.count_rest``): its bytes are taken as
+they come, up to the announced length, and a reader waiting in ``readinto`` has the socket
+read straight into its buffer (``pool.Conn.get_buffer``).  Bytes past that length make the
+connection unusable; fewer before the connection closes are a ``PayloadError``.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ class Body:
                 return self._take(n)
             if self.eof:
                 return b""
+            conn = self._resp._conn
+            if conn is not None:  # readinto may have paused it when its buffer filled
+                conn.resume()
             await self._resp._wait()
 
     async def readexactly(self, n: int) -> bytes:
@@ -106,6 +115,41 @@ class Body:
             parts.append(chunk)
             got += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the body's next bytes: fewer only at its end (0 at the end).
+
+        A Content-Length body not yet buffered is read from the socket straight into ``buf``;
+        each read is bounded by the read timeout.
+        """
+        resp = self._resp
+        want = len(buf)
+        got = 0
+        while got < want:
+            if self.exc is not None:
+                raise self.exc
+            if self._chunks:
+                got += self._take_into(buf[got:])
+                continue
+            if self.eof:
+                break
+            left = resp._left
+            conn = resp._conn
+            if left and conn is not None:
+                resp._into = buf[got : got + min(want - got, left)]
+                resp._into_got = 0
+                conn.resume()
+                try:
+                    await resp._wait()
+                finally:
+                    got += resp._into_got
+                    resp._into = None
+                    resp._into_got = 0
+            else:
+                if conn is not None:
+                    conn.resume()
+                await resp._wait()
+        return got
 
     async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         while chunk := await self.read(n):
@@ -138,6 +182,26 @@ class Body:
             conn.resume()
         return out
 
+    def _take_into(self, buf: memoryview) -> int:
+        chunks = self._chunks
+        want = len(buf)
+        got = 0
+        while chunks and got < want:
+            chunk = chunks[0]
+            k = min(len(chunk), want - got)
+            if k < len(chunk):
+                buf[got : got + k] = memoryview(chunk)[:k]
+                chunks[0] = chunk[k:]
+            else:
+                buf[got : got + k] = chunk
+                chunks.popleft()
+            got += k
+        self._size -= got
+        conn = self._resp._conn
+        if conn is not None and self._size < HIGH_WATER:
+            conn.resume()
+        return got
+
 
 class Response:
     """One backend response; the caller reads its body, then releases (or closes) it."""
@@ -151,6 +215,15 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._informational = False
         self._data: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
+        """A Content-Length body, counted here once llhttp has parsed the headers."""
+        self._seen = 0
+        self._left: int | None = None
+        """Bytes of a counted body still to come (None: llhttp delimits the body)."""
+        self._into: memoryview | None = None
+        """Where the next socket read goes: the free part of a waiting reader's buffer."""
+        self._into_got = 0
         self.status = 0
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self.content_length: int | None = None
@@ -179,11 +252,13 @@ class Response:
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()
         fut = self._waiter = loop.create_future()
-        timer = loop.call_later(self._timeout, expire, fut)
+        self._timer = loop.call_later(self._timeout, expire, fut)
         try:
             await fut
         finally:
-            timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._waiter = None
 
     def _wake(self) -> None:
@@ -217,6 +292,7 @@ class Response:
         no_body = self._method == "HEAD" or status in (204, 304)
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self.until_eof = not no_body and length is None and not chunked
+        self._counted = not no_body and not chunked and self.content_length is not None
         self.headers_done = True
         self.keep_alive = self._parser.should_keep_alive() and not self.until_eof
         if self._method == "HEAD":  # llhttp does not know: it would wait for the body
@@ -225,7 +301,50 @@ class Response:
 
     def on_body(self, body: bytes) -> None:
         if not self.complete:
+            self._seen += len(body)
             self.content.push(body)
+
+    def count_rest(self) -> None:
+        """After llhttp's feed: from here on a Content-Length body is counted, not parsed."""
+        if self._counted and self.headers_done and not self.complete and self._left is None:
+            assert self.content_length is not None
+            self._parser = None
+            self._left = self.content_length - self._seen
+            if self._left <= 0:
+                self.finish()
+
+    def raw_body(self, data: memoryview) -> bool:
+        """Bytes of a counted body read into the scratch buffer; False if some are past it."""
+        left = self._left
+        assert left is not None
+        take = min(len(data), left)
+        if take and not self.complete:
+            self.content.push(bytes(data[:take]))
+            self._left = left - take
+            if self._left == 0:
+                self.finish()
+        return take == len(data)
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` read straight into the waiting reader's buffer (``_into``)."""
+        into = self._into
+        assert into is not None and self._left is not None
+        self._into_got += nbytes
+        self._left -= nbytes
+        if self._left == 0:
+            self._into = None
+            self.finish()
+        elif nbytes == len(into):
+            self._into = None
+            if self._conn is not None:  # the next reads wait for the reader's next buffer
+                self._conn.pause()
+            self._wake()
+        else:
+            self._into = into[nbytes:]
+            if self._timer is not None and self._waiter is not None:  # a fresh bound per read
+                self._timer.cancel()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._timeout, expire, self._waiter)
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -8,6 +8,11 @@ it while idle.  ``connect_timeout`` covers TCP and TLS set-up; ``read_timeout`` 
 the backend (response headers, the backend taking request bytes; body reads: ``http.py``).
 Request bodies are bytes (sent with the headers in one write) or an async iterable written
 as it yields, with the transport's flow control; the caller checks their length.
+
+Reading is buffered (``asyncio.BufferedProtocol``): the socket is read into the pool's one
+scratch buffer, whose bytes are parsed (and copied out) before the next read, or - while a
+reader waits in ``Body.readinto`` on a Content-Length body - straight into that reader's
+buffer, so a large body reaches the decryptor without an intermediate copy.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ KEEPALIVE_S: Final = 15.0
 """An idle connection is not reused after this long (aiohttp's default)."""
 SMALL_BODY: Final = 64 * 1024
 """A bytes body up to this size is joined to the headers (one write, one packet)."""
+SCRATCH: Final = 256 * 1024
+"""The pool's read buffer (uvloop reads 256 KiB at a time into its own)."""
 
 Key = tuple[str, str, int]
 """(scheme, host, port)"""
 
 
-class Conn(asyncio.Protocol):
+class Conn(asyncio.BufferedProtocol):
     """One keep-alive connection: one request at a time."""
 
     def __init__(self, pool: Pool, key: Key) -> None:
@@ -51,27 +58,53 @@ class Conn(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._into_reader = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        resp = self.resp
+        if resp is not None and resp._into is not None:  # a reader waits for body bytes
+            self._into_reader = True
+            return resp._into
+        self._into_reader = False
+        return self.pool.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        resp = self.resp
+        if self._into_reader and resp is not None:
+            self._into_reader = False
+            self.received = True
+            resp.filled(nbytes)
+            if resp.complete:
+                self.settle()
+            return
+        self.data_received(self.pool.scratch[:nbytes])
+
+    def data_received(self, data: memoryview) -> None:
+        """Bytes read into the scratch buffer: parsed, or counted into the body, at once."""
         resp = self.resp
         parser = resp._parser if resp is not None else None
-        if resp is None or parser is None:  # nothing was asked: the connection is unusable
-            self.lost = True
+        if resp is None or (parser is None and resp._left is None):
+            self.lost = True  # nothing was asked: the connection is unusable
             assert self.transport is not None
             self.transport.close()
             return
         self.received = True
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            resp.fail(PayloadError(f"malformed backend response: {exc}"))
-            self.lost = True
-            assert self.transport is not None
-            self.transport.close()
-            return
+        if parser is None:
+            if not resp.raw_body(data):
+                self.lost = True  # bytes past the announced length
+        else:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                resp.fail(PayloadError(f"malformed backend response: {exc}"))
+                self.lost = True
+                assert self.transport is not None
+                self.transport.close()
+                return
+            resp.count_rest()
         if resp.complete:
             self.settle()
 
@@ -198,6 +231,8 @@ class Pool:
         self.ssl_context = ssl_context
         self.open = 0
         self.closed = False
+        self.scratch = memoryview(bytearray(SCRATCH))
+        """Every connection's reads land here and are consumed before the next read."""
         self._idle: dict[Key, list[Conn]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
 

@@ -56,9 +56,7 @@ async def iter_body(resp: Response, length: int) -> AsyncGenerator[bytes, None]:
         resp.release()
 
 
-async def slice_body(
-    resp: Response, start: int, length: int
-) -> AsyncGenerator[bytes, None]:
+async def slice_body(resp: Response, start: int, length: int) -> AsyncGenerator[bytes, None]:
     pos = 0
     end = start + length
     try:

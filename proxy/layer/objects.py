@@ -332,18 +332,21 @@ class ObjectLayer(ObjectWrites, LegacyChecks):
         need = plan.ct_end - plan.ct_start + 1
         skip = plan.skip
         remaining = plan.length
+        # One buffer per body, read into again and again (the socket reads land in it
+        # directly: Body.readinto); the decryptor is done with it when update returns.
+        buf = memoryview(bytearray(min(READ_CHUNK, need + discard)))
         try:
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                if discard:
-                    if len(chunk) <= discard:
-                        discard -= len(chunk)
-                        continue
-                    chunk = chunk[discard:]
-                    discard = 0
-                if len(chunk) > need:
-                    chunk = chunk[:need]
-                need -= len(chunk)
-                plain = decryptor.update(chunk)
+            while discard:
+                n = await resp.content.readinto(buf[: min(discard, len(buf))])
+                if not n:
+                    break
+                discard -= n
+            while need:
+                n = await resp.content.readinto(buf[: min(need, len(buf))])
+                if not n:
+                    break
+                need -= n
+                plain = decryptor.update(buf[:n])
                 if need == 0:
                     plain += decryptor.finalize()
                 if plain:

@@ -53,7 +53,6 @@ _CONTROLS: Final = bytes(b for b in range(32) if b not in (9, 10))
 """Bytes XML 1.0 cannot hold raw (CR included: a parser reads it as LF)."""
 
 
-
 Span = tuple[int, int]
 Spans = tuple[Span, ...]
 """Where the text of an entry's direct children is (the first of each name): one span per
