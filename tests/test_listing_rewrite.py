@@ -24,7 +24,7 @@ from proxy.config import Encryption, EncryptionRule
 from proxy.control.policy import Policy
 from proxy.errors import FormatError, S3Error
 from proxy.s3 import listing
-from proxy.s3.listing_page import PageText
+from proxy.s3.listing_page import PageText, unescape
 from tests import listing_reference as reference
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -257,6 +257,21 @@ def test_odd_well_formed_pages_read_exactly(name: str) -> None:
 def test_malformed_pages_are_format_errors(name: str) -> None:
     with pytest.raises(FormatError):
         _run(listing, [MALFORMED_PAGES[name]], (("list-type", "2"),), ENCRYPT_ALL)
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        ("&quot;0a1b-2&quot;", '"0a1b-2"'),
+        ("&amp;quot;", "&quot;"),
+        ("&quot;a&amp;quot;&quot;", '"a&quot;"'),
+        ("&quot;&lt;&#x41;&#66;&apos;&gt;", "\"<AB'>"),
+        ("plain", "plain"),
+    ],
+)
+def test_unescape_reads_references_as_the_parser_does(raw: str, text: str) -> None:
+    assert unescape(raw) == text
+    assert ElementTree.fromstring(f"<a>{raw}</a>").text == text
 
 
 def test_late_dtd_refused_and_nothing_resolved() -> None:

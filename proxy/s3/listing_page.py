@@ -33,13 +33,13 @@ ENTRY_TAGS: Final = frozenset({"Contents", "Version", "DeleteMarker", "Upload", 
 _NAME: Final = r"[A-Za-z_][\w.-]*"
 _ROOT: Final = re.compile(rf"\s*<({_NAME})(\s+[^\s>/][^>]*?)?\s*(/?)>")
 _CHILD: Final = re.compile(
-    r"\s*<(?P<tag>Contents|Version)>\s*<Key>(?P<Key>[^<]*)</Key>"
-    r"(?:\s*<VersionId>(?P<VersionId>[^<]*)</VersionId>\s*<IsLatest>[^<]*</IsLatest>)?"
-    r"\s*<LastModified>(?P<LastModified>[^<]*)</LastModified>\s*<ETag>(?P<ETag>[^<]*)</ETag>"
-    r"(?:\s*<(?P<sum>Checksum[A-Za-z0-9]*)>[^<]*</(?P=sum)>)*\s*<Size>(?P<Size>[^<]*)</Size>"
-    rf"[^<]*(?:<(?!/(?P=tag)>)/?{_NAME} ?/?>[^<]*)*</(?P=tag)>"
+    r"\s*<(?P<tag>Contents|Version)>\s*<Key>(?P<Key>[^<]*+)</Key>"
+    r"(?:\s*<VersionId>(?P<VersionId>[^<]*+)</VersionId>\s*<IsLatest>[^<]*+</IsLatest>)?"
+    r"\s*<LastModified>(?P<LastModified>[^<]*+)</LastModified>\s*<ETag>(?P<ETag>[^<]*+)</ETag>"
+    r"(?:\s*<(?P<sum>Checksum[A-Za-z0-9]*)>[^<]*+</(?P=sum)>)*\s*<Size>(?P<Size>[^<]*+)</Size>"
+    rf"[^<]*+(?:<(?!/(?P=tag)>)/?{_NAME} ?/?>[^<]*+)*+</(?P=tag)>"
     rf"|\s*<(?P<name>{_NAME})(?P<attrs>\s+[^\s>/][^>]*?)?\s*"
-    r"(?:/>|>(?P<inner>[^<]*(?:<(?!/(?P=name)>)[^<]*)*)</(?P=name)>)"
+    r"(?:/>|>(?P<inner>[^<]*+(?:<(?!/(?P=name)>)[^<]*+)*)</(?P=name)>)"
 )
 """One child of the root, whole: an entry in the order every backend writes it (no tag in
 it with attributes), with the spans of its direct children the rewrite needs; or any
@@ -63,6 +63,14 @@ NO_SPAN: Final = (-1, -1)
 _FAST_SPANS = itemgetter(*(_CHILD.groupindex[n] for n in FIELDS[:5]))
 """A backend-order entry's match: the spans of its groups for the first ``FIELDS``."""
 _REST: Final = (NO_SPAN,) * (len(FIELDS) - 5)
+_TAG_GROUP: Final = _CHILD.groupindex["tag"]
+
+
+def _entity(m: re.Match[str]) -> str:
+    ref = m.group(1)
+    if ref[0] == "#":
+        return chr(int(ref[2:], 16) if ref[1] == "x" else int(ref[1:]))
+    return _NAMED[ref]
 
 
 def unescape(raw: str) -> str:
@@ -70,14 +78,10 @@ def unescape(raw: str) -> str:
     predefined entities and character references only)."""
     if "&" not in raw:
         return raw
-
-    def sub(m: re.Match[str]) -> str:
-        ref = m.group(1)
-        if ref[0] == "#":
-            return chr(int(ref[2:], 16) if ref[1] == "x" else int(ref[1:]))
-        return _NAMED[ref]
-
-    return _ENTITY.sub(sub, raw)
+    quoted = raw.replace("&quot;", '"')  # an ETag's quotes: every "&" starts a reference
+    if "&" not in quoted:
+        return quoted
+    return _ENTITY.sub(_entity, raw)
 
 
 def _ref_code(ref: str) -> int:
@@ -234,13 +238,16 @@ class PageText:
         self.entries = []
         pos = root.end()
         end_tag = "" if root.group(3) else f"</{self.root_name}>"
+        entries = self.entries
         for m in _CHILD.finditer(text, pos):
-            if m.start() != pos:
+            regs = m.regs
+            if regs[0][0] != pos:
                 return False
-            pos = m.end()
-            tag = m.group("tag")
-            if tag is not None:  # an entry as backends write it: its spans are known
-                self.entries.append((tag, m.start("tag") - 1, pos, _FAST_SPANS(m.regs) + _REST))
+            pos = regs[0][1]
+            tag_at = regs[_TAG_GROUP][0]
+            if tag_at >= 0:  # an entry as backends write it: its spans are known
+                tag = "Contents" if text[tag_at] == "C" else "Version"
+                entries.append((tag, tag_at - 1, pos, _FAST_SPANS(regs) + _REST))
                 continue
             name = m.group("name")
             if m.group("attrs") and self.plain:
