@@ -2,11 +2,12 @@
 
 Starts ``rclone serve s3`` and the proxy (``--workers`` from ``WORKERS``, default 1) in front
 of it, stores 64 objects of 4 KiB, warms up with 300 requests, then runs ``N`` boto3 GETs or
-PUTs (``OP=get|put``) at c=16 under ``py-spy record -r 200 -f raw`` (``SPY=0`` to skip; with
-several workers ``--subprocesses``), and prints the proxy's CPU per request (utime+stime over
-its process tree).  ``OUT`` is the raw profile (default ``/tmp/cmek-prof.txt``); ``STORE`` the
-envelope store (metadata|sidecar).  Summarise a profile with ``python -m benchmarks.profile_small
---summary FILE``: inclusive share of every frame.
+PUTs (``OP=get|put``) at c=16 (``C`` sets it, 1 to 64) under ``py-spy record -r 200 -f raw``
+(``SPY=0`` to skip; with several workers ``--subprocesses``; ``NATIVE=1`` adds native frames),
+and prints the proxy's CPU per request (utime+stime over its process tree).  ``OUT`` is the raw
+profile (default ``/tmp/cmek-prof.txt``); ``STORE`` the envelope store (metadata|sidecar).
+Summarise a profile with ``python -m benchmarks.profile_small --summary FILE``: inclusive share
+of every frame.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ import yaml
 
 from benchmarks.targets import proc_usage
 
-CONCURRENCY = 16
+
+def _sched(pid: int) -> tuple[float, float, int]:
+    """utime and stime (s) and voluntary context switches of one process (not its children)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            switches = int(line.split()[1])
+    return int(fields[11]) / tick, int(fields[12]) / tick, switches
 
 
 def summary(path: str, top: int = 60) -> None:
@@ -69,6 +80,7 @@ def main() -> int:
     workers = int(os.environ.get("WORKERS", "1"))
     op = os.environ.get("OP", "get")
     n = int(os.environ.get("N", "3000"))
+    concurrency = max(1, min(64, int(os.environ.get("C", "16"))))
     tmp = Path(tempfile.mkdtemp(prefix="cmek-prof-"))
     with rclone_server(tmp / "root", tmp) as backend:
         key = new_keyfile(tmp / "k.json")
@@ -104,7 +116,7 @@ def main() -> int:
                 else:
                     c.put_object(Bucket="prof", Key=f"w{i % 64}", Body=b"x" * 4096)
 
-            with ThreadPoolExecutor(CONCURRENCY) as ex:  # warm-up, not measured
+            with ThreadPoolExecutor(concurrency) as ex:  # warm-up, not measured
                 list(ex.map(one, range(300)))
             spy = None
             if os.environ.get("SPY", "1") == "1":
@@ -113,19 +125,27 @@ def main() -> int:
                 spy_argv += ["-d", os.environ.get("DUR", "15")]
                 if workers > 1:
                     spy_argv.append("--subprocesses")
+                if os.environ.get("NATIVE") == "1":
+                    spy_argv.append("--native")
                 spy = subprocess.Popen(
                     spy_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
                 time.sleep(1.5)
-            u0 = proc_usage(proc.pid)
+            u0, s0 = proc_usage(proc.pid), _sched(proc.pid)
             start = time.time()
-            with ThreadPoolExecutor(CONCURRENCY) as ex:
+            with ThreadPoolExecutor(concurrency) as ex:
                 list(ex.map(one, range(n)))
             elapsed = time.time() - start
-            u1 = proc_usage(proc.pid)
+            u1, s1 = proc_usage(proc.pid), _sched(proc.pid)
             per = (u1.cpu_seconds - u0.cpu_seconds) * 1000 / n
-            doc = {"op": op, "workers": workers, "requests": n, "seconds": round(elapsed, 2)}
-            print(json.dumps({**doc, "proxy_cpu_ms_per_req": round(per, 3)}))
+            doc = {"op": op, "workers": workers, "concurrency": concurrency, "requests": n}
+            doc["seconds"] = round(elapsed, 2)
+            doc["proxy_cpu_ms_per_req"] = round(per, 3)
+            if workers == 1:  # the one process: user and kernel time, sleeps per request
+                doc["user_ms_per_req"] = round((s1[0] - s0[0]) * 1000 / n, 3)
+                doc["system_ms_per_req"] = round((s1[1] - s0[1]) * 1000 / n, 3)
+                doc["voluntary_switches_per_req"] = round((s1[2] - s0[2]) / n, 2)
+            print(json.dumps(doc))
             if spy is not None:
                 spy.wait()
         finally:
