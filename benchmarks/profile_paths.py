@@ -7,8 +7,11 @@ then with the harness's own client (``benchmarks.loadgen``, as ``benchmarks.run`
 - ``OP=list``: stores ``OBJECTS`` (10,000) keys once, then lists them all ``N`` times (1000 a page);
 - ``OP=put`` / ``OP=get``: one PUT / GET of a ``SIZE_MIB`` (256, at most 1024) MiB object;
 
-each first straight to rclone and then through the proxy, alternating, after one warm-up round
-of each, and prints the median seconds of each and the proxy's CPU per round (utime+stime).
+each first straight to the backend and then through the proxy, alternating, after one warm-up
+round of each, and prints the median seconds of each and the proxy's CPU per round
+(utime+stime).  ``BACKEND=moto`` puts ``moto.server`` behind it instead of rclone;
+``VIA=relay`` puts ``benchmarks.relay`` (a Python process that only copies bytes) where the
+proxy was, to show what any extra process on the path costs on this machine.
 The proxy rounds run under ``py-spy record -r 200 -f raw`` (``SPY=0`` to skip; ``OUT`` is the
 raw profile, default ``/tmp/cmek-prof-<op>.txt``); ``NATIVE=1`` adds native frames
 (uvloop, OpenSSL, the kernel calls); summarise it with ``python -m benchmarks.profile_small
@@ -62,13 +65,16 @@ async def _rounds(
     }
 
 
-async def _measure(backend_url: str, proxy_url: str, pid: int, op_name: str) -> dict[str, float]:
+async def _measure(
+    backend_url: str, proxy_url: str, pid: int, op_name: str, relay: bool
+) -> dict[str, float]:
     from tests.servers import BACKEND_AK, BACKEND_SK, CLIENT_AK, CLIENT_SK, REGION
 
     n = min(int(os.environ.get("N", "6")), 50)
+    ak, sk = (BACKEND_AK, BACKEND_SK) if relay else (CLIENT_AK, CLIENT_SK)
     async with (
         S3Client(backend_url, BACKEND_AK, BACKEND_SK, REGION) as direct,
-        S3Client(proxy_url, CLIENT_AK, CLIENT_SK, REGION) as proxied,
+        S3Client(proxy_url, ak, sk, REGION) as proxied,
     ):
         for c in (direct, proxied):
             await c.create_bucket("prof")
@@ -122,6 +128,7 @@ def main() -> int:
         REGION,
         free_port,
         http_ok,
+        moto_server,
         new_keyfile,
         rclone_server,
         wait_until,
@@ -130,8 +137,12 @@ def main() -> int:
     op = os.environ.get("OP", "multipart")
     if op not in ("multipart", "list", "put", "get"):
         raise SystemExit("OP is multipart, list, put or get")
+    via = os.environ.get("VIA", "proxy")
+    if via not in ("proxy", "relay"):
+        raise SystemExit("VIA is proxy or relay")
     tmp = Path(tempfile.mkdtemp(prefix="cmek-prof-"))
-    with rclone_server(tmp / "root", tmp) as backend:
+    on_moto = os.environ.get("BACKEND", "rclone") == "moto"
+    with moto_server(tmp) if on_moto else rclone_server(tmp / "root", tmp) as backend:
         key = new_keyfile(tmp / "k.json")
         port, admin = free_port(), free_port()
         cfg = {
@@ -150,10 +161,15 @@ def main() -> int:
         }
         (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(tmp / "c.yaml")]
+        if via == "relay":
+            target = backend.url.rsplit(":", 1)[1]
+            argv = [sys.executable, "-m", "benchmarks.relay", "--listen-port", str(port)]
+            argv += ["--target-port", target, "--stats-port", str(admin)]
         proc = subprocess.Popen(argv)
         spy = None
         try:
-            wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"), 120, "proxy")
+            ready = f"http://127.0.0.1:{admin}/" + ("stats" if via == "relay" else "readyz")
+            wait_until(lambda: http_ok(ready), 120, via)
             if os.environ.get("SPY", "1") == "1":
                 out = os.environ.get("OUT", f"/tmp/cmek-prof-{op}.txt")
                 spy_argv = ["py-spy", "record", "-p", str(proc.pid), "-f", "raw", "-r", "200"]
@@ -165,8 +181,8 @@ def main() -> int:
                 )
                 time.sleep(1.5)
             url = f"http://127.0.0.1:{port}"
-            doc = asyncio.run(_measure(backend.url, url, proc.pid, op))
-            print(json.dumps({"op": op, **doc}))
+            doc = asyncio.run(_measure(backend.url, url, proc.pid, op, via == "relay"))
+            print(json.dumps({"op": op, "backend": backend.name, "via": via, **doc}))
         finally:
             proc.terminate()
             proc.wait(30)
