@@ -1,9 +1,11 @@
 """Run the benchmark: ``python -m benchmarks.run [options]`` (see ``--help`` and README.md).
 
 For each backend (rclone-dir, moto) the harness starts the backend, then measures each
-target in turn - the backend directly, cmek-proxy in front of it (through a counting relay),
-and the rclone crypt peer (rclone-dir backend only) - with the same client and scenarios,
-and writes ``results.json`` and ``results.md`` to ``--out``.
+target in turn - the backend directly, cmek-proxy in front of it at one worker and at the
+default worker count (connected straight to the backend; the range scenario alone runs
+through a counting relay, which measures backend bytes per request), and the rclone crypt
+peer (rclone-dir backend only) - with the same client and scenarios, and writes
+``results.json`` and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
