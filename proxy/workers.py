@@ -168,13 +168,24 @@ async def _serve_worker(config: Config, conn: Connection) -> None:
             config, build(config, validate_keys=False), admin=False, reuse_port=True
         )
     except CmekError as exc:
-        conn.send(("error", str(exc)))
+        _report(conn, ("error", str(exc)))
         return
-    conn.send(("ready", os.getpid()))
     try:
+        if not _report(conn, ("ready", os.getpid())):
+            stop.set()  # the parent stopped waiting (it is stopping): drain and go
         await stop.wait()
     finally:
         await running.close()  # stop accepting, finish requests in flight within the grace
+
+
+def _report(conn: Connection, message: tuple[str, object]) -> bool:
+    """Tell the parent how the start went; False if it no longer listens. A SIGTERM to the
+    parent while this worker starts closes its end of the pipe."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError and the like
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- the supervisor

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import multiprocessing
 import os
 import re
 import signal
@@ -24,7 +25,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.workers import _cgroup_cpu_quota, available_cpus
+from proxy.config import load_config
+from proxy.workers import _cgroup_cpu_quota, _worker_main, available_cpus
 from tests.servers import (
     BACKEND_AK,
     BACKEND_SK,
@@ -262,3 +264,30 @@ def test_sigterm_while_workers_start_stops_them(
     assert proc.wait(60) == 0
     for pid in children:
         wait_until(lambda p=pid: not Path(f"/proc/{p}").exists(), 30, f"worker {pid} gone")
+
+
+def test_a_worker_its_parent_stopped_waiting_for_drains_quietly(
+    tmp_path: Path, moto: Server, keyfile: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGTERM to the parent while a worker starts closes the pipe the worker reports
+    "ready" on; the worker must then close its listener and exit 0, not die on the closed
+    pipe with a traceback on stderr (seen in CI: "Process cmek-proxy-worker-1:" among the
+    JSON log lines)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_worker_main,
+        args=(load_config(_config(tmp_path, moto, keyfile)), 1, child_end, "INFO", "text"),
+        name="cmek-proxy-worker-1",
+    )
+    proc.start()
+    child_end.close()
+    parent_end.close()  # the parent stopped waiting before the worker listened
+    try:
+        proc.join(60)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    assert "Traceback" not in capfd.readouterr().err
