@@ -5,7 +5,8 @@ of it, stores 64 objects of 4 KiB, warms up with 300 requests, then runs ``N`` b
 PUTs (``OP=get|put``) at c=16 (``C`` sets it, 1 to 64) under ``py-spy record -r 200 -f raw``
 (``SPY=0`` to skip; with several workers ``--subprocesses``; ``NATIVE=1`` adds native frames),
 and prints the proxy's CPU per request (utime+stime over its process tree).  ``OUT`` is the raw
-profile (default ``/tmp/cmek-prof.txt``); ``STORE`` the envelope store (metadata|sidecar).
+profile (default ``/tmp/cmek-prof.txt``); ``STORE`` the envelope store (metadata|sidecar);
+``ACCESS_LOG=0`` turns the access log off.
 Summarise a profile with ``python -m benchmarks.profile_small --summary FILE``: inclusive share
 of every frame.
 """
@@ -99,6 +100,7 @@ def main() -> int:
             },
             "encryption": {"default": {"key": f"local://{key}"}},
             "workers": workers,
+            "logging": {"access_log": os.environ.get("ACCESS_LOG", "1") == "1"},
         }
         (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(tmp / "c.yaml")]
