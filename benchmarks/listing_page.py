@@ -59,8 +59,12 @@ def rclone_page(n: int = 1000) -> bytes:
     ).encode()
 
 
+def _policy() -> Policy:
+    return Policy(Encryption(default=EncryptionRule(key="local:///k")))
+
+
 async def _measure(page: bytes, pages: int) -> float:
-    policy = Policy(Encryption(default=EncryptionRule(key="local:///k")))
+    policy = _policy()
     tokens = TokenSealer("secret")
 
     async def fetch(_query: tuple[tuple[str, str], ...]) -> bytes:
@@ -74,7 +78,7 @@ async def _measure(page: bytes, pages: int) -> float:
 
 def _parts(page: bytes, pages: int, rounds: int) -> tuple[float, float]:
     """Best ms per page of reading the page and of rewriting its entries."""
-    policy = Policy(Encryption(default=EncryptionRule(key="local:///k")))
+    policy = _policy()
     read = entries = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()

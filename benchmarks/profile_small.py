@@ -25,19 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.targets import proc_usage
-
-
-def _sched(pid: int) -> tuple[float, float, int]:
-    """utime and stime (s) and voluntary context switches of one process (not its children)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    switches = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            switches = int(line.split()[1])
-    return int(fields[11]) / tick, int(fields[12]) / tick, switches
+from benchmarks.targets import proc_usage, sched_counters
 
 
 def summary(path: str, top: int = 60) -> None:
@@ -133,12 +121,12 @@ def main() -> int:
                     spy_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
                 time.sleep(1.5)
-            u0, s0 = proc_usage(proc.pid), _sched(proc.pid)
+            u0, s0 = proc_usage(proc.pid), sched_counters(proc.pid)
             start = time.time()
             with ThreadPoolExecutor(concurrency) as ex:
                 list(ex.map(one, range(n)))
             elapsed = time.time() - start
-            u1, s1 = proc_usage(proc.pid), _sched(proc.pid)
+            u1, s1 = proc_usage(proc.pid), sched_counters(proc.pid)
             per = (u1.cpu_seconds - u0.cpu_seconds) * 1000 / n
             doc = {"op": op, "workers": workers, "concurrency": concurrency, "requests": n}
             doc["seconds"] = round(elapsed, 2)

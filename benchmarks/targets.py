@@ -75,19 +75,35 @@ class ProcUsage:
     processes: int = 0
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state is field 0)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def _children(pid: int) -> list[int]:
     kids: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = _stat_fields(entry.name)
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == pid:
             kids.append(int(entry.name))
     return kids
+
+
+def sched_counters(pid: int) -> tuple[float, float, int]:
+    """User and system CPU seconds and voluntary context switches of one process (not its
+    children): where its time goes, and how often it sleeps."""
+    fields = _stat_fields(pid)
+    switches = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            switches = int(line.split()[1])
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK, switches
 
 
 def proc_usage(pid: int) -> ProcUsage:
@@ -103,11 +119,10 @@ def proc_usage(pid: int) -> ProcUsage:
             continue
         seen.add(p)
         try:
-            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = _stat_fields(p)
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         cpu += (int(fields[11]) + int(fields[12])) / _CLK_TCK
         for line in status.splitlines():
             if line.startswith("VmHWM:"):

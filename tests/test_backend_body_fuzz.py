@@ -13,6 +13,7 @@ byte past a body ever reaches the next request's answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -60,10 +61,9 @@ def _wire(case: Case, data: bytes) -> tuple[bytes, bytes]:
         return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data), data
     out = bytearray()
     pos = 0
-    for n in case.pieces * (len(data) // max(1, sum(case.pieces)) + 1):
-        if pos >= len(data):
-            break
-        piece = data[pos : pos + n]
+    sizes = itertools.cycle(case.pieces)
+    while pos < len(data):
+        piece = data[pos : pos + next(sizes)]
         out += b"%x\r\n%s\r\n" % (len(piece), piece)
         pos += len(piece)
     out += b"0\r\n\r\n"
@@ -126,29 +126,23 @@ def _check(kind: str, case: Case) -> None:
         cut = int(len(rest) * case.cut_at)
         if case.chunked:  # rest ends: last data byte, CRLF, "0", CRLF, CRLF
             cut = min(cut, len(rest) - 8 if data else 4)
+    writes = [head]
+    sent = 0
+    sizes = itertools.cycle(case.pieces)
+    while sent < cut:
+        writes.append(rest[sent : min(cut, sent + next(sizes))])
+        sent += len(writes[-1])
+    if fault == "extra":  # in the same write as the body's tail
+        writes[-1] += FORGED
     answered = 0
 
     async def answer(_head: bytes, w: asyncio.StreamWriter) -> bool:
         nonlocal answered
         answered += 1
-        if answered > 1:
-            w.write(SECOND)
+        for piece in writes if answered == 1 else [SECOND]:
+            w.write(piece)
             await w.drain()
-            return True
-        w.write(head)
-        sent = 0
-        i = 0
-        while sent < cut:
-            n = min(case.pieces[i % len(case.pieces)], cut - sent)
-            last = sent + n >= cut
-            w.write(rest[sent : sent + n] + (FORGED if last and fault == "extra" else b""))
-            await w.drain()
-            sent += n
-            i += 1
-        if fault == "extra" and cut == 0:
-            w.write(FORGED)
-            await w.drain()
-        return fault != "cut"  # a cut closes the connection
+        return answered > 1 or fault != "cut"  # a cut closes the connection
 
     async def scenario() -> None:
         async with Scripted(answer) as srv:
